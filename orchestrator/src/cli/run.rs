@@ -1,0 +1,212 @@
+//! `spate run`: the engine, for pipelines given as files.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use spate_sources::SourceConfig;
+use spate_sources::checkpoint::FileCheckpoints;
+use spate_sources::object_store::NotificationTransport;
+use spate_sources::webhook::WebhookServer;
+use tokio_util::sync::CancellationToken;
+
+use super::ClusterArgs;
+use crate::engine::checkpoints::ConfigMapCheckpoints;
+use crate::engine::controller::{self, ControllerOptions};
+use crate::engine::leader::LeaseConfig;
+use crate::engine::{Engine, EngineOptions, http};
+use crate::pipeline::load_file;
+
+/// Run the engine: take events from each pipeline's source and create their Jobs.
+///
+/// With -f, pipelines come from files. Without, Spate runs as the in-cluster controller: it
+/// watches Pipeline resources (in -n NAMESPACE, or all namespaces), runs each while this
+/// replica holds the leader Lease, and writes their status. Either way it runs until SIGTERM
+/// or Ctrl-C, then stops taking events, finishes the Job creations in flight, acknowledges
+/// their events and exits.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  spate run -f examples/amqp-work-queue/pipeline.yaml\n  spate run -f a.yaml -f b.yaml --kubeconfig ~/.kube/config --max-pods 200\n  spate run -f pipeline.yaml --metrics-listen 127.0.0.1:9464"
+)]
+pub struct RunArgs {
+    /// Pipeline files; without any, watch Pipeline resources in the cluster.
+    #[arg(short = 'f', long = "filename", value_name = "FILE", num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// Controller mode: namespace of the leader-election Lease (default: $POD_NAMESPACE,
+    /// else -n, else `default`).
+    #[arg(long, value_name = "NAME", env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Controller mode: this replica's identity in the Lease (default: $POD_NAME, else
+    /// host name and process id).
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Where sources keep checkpoints and local state.
+    #[arg(long, value_name = "DIR", default_value = ".spate/state")]
+    pub state_dir: PathBuf,
+    /// Pods at once across all pipelines of this process.
+    #[arg(long, value_name = "N")]
+    pub max_pods: Option<u32>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+    /// Address of the webhook server, started when a pipeline takes webhooks.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8088")]
+    pub webhook_listen: SocketAddr,
+    /// How long shutdown waits for Job creations in flight.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+pub fn run(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args, cluster))
+}
+
+async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
+    if args.files.is_empty() {
+        return run_controller(args, cluster).await;
+    }
+    let mut pipelines = Vec::new();
+    let mut failed = false;
+    for file in &args.files {
+        match load_file(file) {
+            Ok(loaded) => pipelines.extend(loaded),
+            Err(diagnostics) => {
+                failed = true;
+                diagnostics.iter().for_each(|d| eprintln!("{d}"));
+            }
+        }
+    }
+    if failed {
+        return Ok(ExitCode::FAILURE);
+    }
+    for loaded in &mut pipelines {
+        if loaded.pipeline.metadata.namespace.is_none() {
+            loaded.pipeline.metadata.namespace = cluster.namespace.clone();
+        }
+    }
+    let client = cluster.client().await?;
+    let stop = CancellationToken::new();
+    let webhooks = if pipelines
+        .iter()
+        .any(|p| takes_webhooks(&p.pipeline.spec.source))
+    {
+        let server = WebhookServer::bind(args.webhook_listen).await?;
+        let serving = server.clone();
+        let until = stop.clone();
+        tokio::spawn(async move {
+            if let Err(error) = serving.serve(until).await {
+                tracing::error!(%error, "webhook server stopped");
+            }
+        });
+        eprintln!("spate: webhooks on http://{}", server.local_addr());
+        Some(server)
+    } else {
+        None
+    };
+    let options = EngineOptions {
+        checkpoints: Arc::new(FileCheckpoints::new(args.state_dir.join("checkpoints"))),
+        state_dir: args.state_dir.clone(),
+        namespace_budget: args.max_pods.map(crate::engine::budget::Budget::new),
+        webhooks,
+        drain_timeout: args.drain_timeout,
+    };
+    let count = pipelines.len();
+    let mut engine = Engine::start(client, pipelines, options).await?;
+    let address = http::serve(args.metrics_listen, engine.synced.clone(), stop.clone()).await?;
+    tracing::info!(pipelines = count, metrics = %address, "running");
+    eprintln!("spate: running {count} pipeline(s); metrics on http://{address}/metrics");
+    let signals = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    engine.wait(stop.clone()).await;
+    stop.cancel();
+    engine.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
+    let client = cluster.client().await?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| cluster.namespace.clone())
+        .unwrap_or_else(|| "default".to_string());
+    let stop = CancellationToken::new();
+    // Pipelines come and go, so the webhook server always runs in controller mode.
+    let webhooks = WebhookServer::bind(args.webhook_listen).await?;
+    let serving = webhooks.clone();
+    let until = stop.clone();
+    tokio::spawn(async move {
+        if let Err(error) = serving.serve(until).await {
+            tracing::error!(%error, "webhook server stopped");
+        }
+    });
+    let options = ControllerOptions {
+        namespace: cluster.namespace.clone(),
+        engine: EngineOptions {
+            // In a cluster the pod's disk does not outlive it; ConfigMaps do.
+            checkpoints: Arc::new(ConfigMapCheckpoints::new(client.clone(), &lease_namespace)),
+            state_dir: args.state_dir.clone(),
+            namespace_budget: args.max_pods.map(crate::engine::budget::Budget::new),
+            webhooks: Some(webhooks),
+            drain_timeout: args.drain_timeout,
+        },
+        lease: LeaseConfig {
+            namespace: lease_namespace.clone(),
+            name: "spate-controller".to_string(),
+            identity,
+            duration: Duration::from_secs(15),
+            renew: Duration::from_secs(5),
+        },
+        status_interval: Duration::from_secs(2),
+    };
+    // A replica that is not the leader is live and ready: it is doing its job by waiting.
+    let (ready, _) = tokio::sync::watch::channel(true);
+    let address = http::serve(args.metrics_listen, vec![ready.subscribe()], stop.clone()).await?;
+    eprintln!("spate: controller running; metrics on http://{address}/metrics");
+    let signals = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    controller::run(client, options, stop).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a source receives HTTP requests on the webhook server.
+fn takes_webhooks(source: &SourceConfig) -> bool {
+    match source {
+        SourceConfig::Webhook(_) => true,
+        SourceConfig::ObjectStore(store) => {
+            matches!(store.notifications, Some(NotificationTransport::Webhook(_)))
+        }
+        _ => false,
+    }
+}
+
+async fn wait_for_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

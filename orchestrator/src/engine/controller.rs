@@ -1,0 +1,240 @@
+//! `spate run` in a cluster: Pipeline resources are the configuration.
+//!
+//! While this replica holds the leader Lease, it watches Pipelines and keeps one running
+//! engine per Pipeline in step with its spec: started when created, restarted when its
+//! generation changes, stopped when deleted or paused (annotation `spate.dev/paused: "true"`).
+//! A Pipeline that fails validation gets a `Ready=False` condition with every problem, and
+//! nothing runs. Status (counts, conditions, last error) is written through the status
+//! subresource at most once per `status_interval` per Pipeline, and only when it changed.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::leader::{self, LeaseConfig};
+use super::{Engine, EngineOptions, RunningPipeline};
+use crate::pipeline::{Pipeline, PipelineStatus, load::check_resource};
+
+/// The annotation that pauses a Pipeline.
+pub const PAUSED_ANNOTATION: &str = "spate.dev/paused";
+
+pub struct ControllerOptions {
+    /// Only Pipelines in this namespace; all namespaces when `None`.
+    pub namespace: Option<String>,
+    pub engine: EngineOptions,
+    pub lease: LeaseConfig,
+    pub status_interval: Duration,
+}
+
+/// One Pipeline as the controller runs it.
+struct Managed {
+    /// The source kind, shown by `kubectl get pipelines`.
+    source: String,
+    generation: Option<i64>,
+    paused: bool,
+    engine: Option<Engine>,
+    live: Option<RunningPipeline>,
+    problems: Vec<String>,
+    written: Option<PipelineStatus>,
+}
+
+/// Runs until `shutdown`: waits for leadership, manages Pipelines while leading, and stops
+/// every engine when leadership is lost.
+pub async fn run(client: kube::Client, options: ControllerOptions, shutdown: CancellationToken) {
+    loop {
+        let Some(leading) =
+            leader::acquire(client.clone(), options.lease.clone(), shutdown.clone()).await
+        else {
+            return;
+        };
+        manage(&client, &options, leading.clone()).await;
+        leading.cancel();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tracing::warn!("no longer leader; pipelines stopped until the lease is won again");
+    }
+}
+
+async fn manage(client: &kube::Client, options: &ControllerOptions, leading: CancellationToken) {
+    let pipelines: Api<Pipeline> = match &options.namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let stream = watcher(pipelines, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut managed: HashMap<(String, String), Managed> = HashMap::new();
+    let mut status_tick = tokio::time::interval(options.status_interval);
+    loop {
+        tokio::select! {
+            _ = leading.cancelled() => break,
+            _ = status_tick.tick() => write_statuses(client, &mut managed).await,
+            event = stream.next() => match event {
+                Some(Ok(watcher::Event::Apply(pipeline) | watcher::Event::InitApply(pipeline))) => {
+                    reconcile(client, options, &mut managed, pipeline).await;
+                }
+                Some(Ok(watcher::Event::Delete(pipeline))) => {
+                    if let Some(entry) = managed.remove(&key(&pipeline))
+                        && let Some(engine) = entry.engine
+                    {
+                        engine.shutdown().await;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => tracing::warn!(%error, "Pipeline watch error; the watcher retries"),
+                None => break,
+            },
+        }
+    }
+    for (_, entry) in managed.drain() {
+        if let Some(engine) = entry.engine {
+            engine.shutdown().await;
+        }
+    }
+}
+
+fn key(pipeline: &Pipeline) -> (String, String) {
+    (
+        pipeline.metadata.namespace.clone().unwrap_or_default(),
+        pipeline.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn is_paused(pipeline: &Pipeline) -> bool {
+    pipeline
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(PAUSED_ANNOTATION))
+        .is_some_and(|value| value == "true")
+}
+
+/// Brings the running engine in line with the Pipeline: idempotent, so a resync changes
+/// nothing.
+async fn reconcile(
+    client: &kube::Client,
+    options: &ControllerOptions,
+    managed: &mut HashMap<(String, String), Managed>,
+    pipeline: Pipeline,
+) {
+    let key = key(&pipeline);
+    let generation = pipeline.metadata.generation;
+    let paused = is_paused(&pipeline);
+    if let Some(entry) = managed.get(&key)
+        && entry.generation == generation
+        && entry.paused == paused
+    {
+        return;
+    }
+    let previous = managed.remove(&key);
+    let written = previous.as_ref().and_then(|entry| entry.written.clone());
+    if let Some(engine) = previous.and_then(|entry| entry.engine) {
+        engine.shutdown().await;
+    }
+    let mut entry = Managed {
+        source: pipeline.spec.source.kind().to_string(),
+        generation,
+        paused,
+        engine: None,
+        live: None,
+        problems: Vec::new(),
+        written,
+    };
+    if !paused {
+        match check_resource(&pipeline) {
+            Ok(loaded) => {
+                match Engine::start(client.clone(), vec![loaded], options.engine.clone()).await {
+                    Ok(engine) => {
+                        entry.live = engine.pipelines.first().cloned();
+                        entry.engine = Some(engine);
+                        tracing::info!(pipeline = %format!("{}/{}", key.0, key.1), "started");
+                    }
+                    Err(error) => entry.problems.push(format!("{error:#}")),
+                }
+            }
+            Err(problems) => entry.problems = problems,
+        }
+    }
+    managed.insert(key, entry);
+}
+
+async fn write_statuses(client: &kube::Client, managed: &mut HashMap<(String, String), Managed>) {
+    for ((namespace, name), entry) in managed.iter_mut() {
+        let status = status_of(entry);
+        if entry.written.as_ref() == Some(&status) {
+            continue;
+        }
+        let pipelines: Api<Pipeline> = Api::namespaced(client.clone(), namespace);
+        let patch = json!({"status": status});
+        match pipelines
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => entry.written = Some(status),
+            Err(error) => tracing::warn!(pipeline = %name, %error, "cannot write status"),
+        }
+    }
+}
+
+fn status_of(entry: &Managed) -> PipelineStatus {
+    let snapshot = entry
+        .live
+        .as_ref()
+        .map(|live| live.stats.snapshot())
+        .unwrap_or_default();
+    let running = entry
+        .live
+        .as_ref()
+        .map(|live| i64::from(live.budget.in_use()))
+        .unwrap_or(0);
+    let (ready, reason, message) = if entry.paused {
+        (
+            "False",
+            "Paused",
+            format!("annotation {PAUSED_ANNOTATION} is \"true\""),
+        )
+    } else if !entry.problems.is_empty() {
+        ("False", "Invalid", entry.problems.join("; "))
+    } else {
+        ("True", "Running", "taking events".to_string())
+    };
+    // The transition time must not change on every write, or every write would differ.
+    let since = entry
+        .written
+        .as_ref()
+        .and_then(|status| status.conditions.first())
+        .filter(|condition| condition.status == ready && condition.reason == reason)
+        .map(|condition| condition.last_transition_time.clone())
+        .unwrap_or_else(|| Time(jiff::Timestamp::now()));
+    PipelineStatus {
+        source: Some(entry.source.clone()),
+        received: snapshot.received,
+        pending: (snapshot.received
+            - snapshot.succeeded
+            - snapshot.failed
+            - snapshot.dead_lettered)
+            .max(0),
+        running,
+        succeeded: snapshot.succeeded,
+        failed: snapshot.failed,
+        dead_lettered: snapshot.dead_lettered,
+        last_error: snapshot
+            .last_error
+            .or_else(|| entry.problems.first().cloned()),
+        observed_generation: entry.generation,
+        conditions: vec![Condition {
+            type_: "Ready".to_string(),
+            status: ready.to_string(),
+            reason: reason.to_string(),
+            message,
+            last_transition_time: since,
+            observed_generation: entry.generation,
+        }],
+    }
+}

@@ -1,0 +1,666 @@
+//! Renders a pipeline's Job template for an event (or a batch of events) into the exact Job
+//! Spate creates.
+//!
+//! Safety by construction: the template is parsed *before* rendering, and each string leaf is
+//! rendered on its own, so event text can never add a field, a list item or a command-line
+//! argument; it only ever becomes the value of the string it was placed in. Templates that
+//! would pass event text to a shell (`sh -c "... {{ event.key }}"`) are refused at validation:
+//! the event reaches a script through environment variables instead.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, PodSpec, PreferredSchedulingTerm, Toleration,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use minijinja::{Environment, UndefinedBehavior};
+use serde_json::{Map, Value, json};
+use spate_sources::Event;
+
+use crate::naming;
+use crate::pipeline::located::{join_index, join_key};
+use crate::pipeline::{FanOutMode, Pipeline, PlacementMode};
+
+/// Label on every Job and pod: the pipeline that made it.
+pub const PIPELINE_LABEL: &str = "spate.dev/pipeline";
+/// Label on every Job and pod: the batch (hash of its event ids).
+pub const BATCH_LABEL: &str = "spate.dev/batch";
+/// Annotation: the ids of the events a Job serves, as a JSON list.
+pub const EVENT_IDS_ANNOTATION: &str = "spate.dev/event-ids";
+/// Annotation: the source kind the events came from.
+pub const SOURCE_ANNOTATION: &str = "spate.dev/source";
+/// The virtual-kubelet taint key every provider uses (`virtual-kubelet.io/provider=<name>`).
+pub const VIRTUAL_KUBELET_TAINT: &str = "virtual-kubelet.io/provider";
+/// The node label virtual-kubelet nodes carry (`type=virtual-kubelet`).
+pub const NODE_TYPE_LABEL: &str = "type";
+pub const VIRTUAL_KUBELET_NODE_TYPE: &str = "virtual-kubelet";
+
+/// Where the event or batch file is mounted in the pod when it does not fit in env.
+pub const INPUT_MOUNT_PATH: &str = "/var/run/spate";
+const INPUT_VOLUME: &str = "spate-input";
+/// Events up to this size travel in the `SPATE_EVENT` env var; larger ones as a file.
+pub const MAX_ENV_EVENT_BYTES: usize = 16 * 1024;
+/// A ConfigMap holds at most 1 MiB; keep a margin for metadata.
+const MAX_INPUT_BYTES: usize = 900 * 1024;
+
+/// The objects to create for one Job: the Job, and the ConfigMap carrying its input when the
+/// input does not fit in env (always, in indexed mode). The ConfigMap has the Job's name and
+/// is made owned by the Job when created, so it is garbage-collected with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedJob {
+    pub job: Job,
+    pub input: Option<ConfigMap>,
+}
+
+/// Why a template could not be rendered.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RenderError {
+    /// A placeholder failed; `path` is the field inside the job template.
+    #[error("{path}: {message}")]
+    Placeholder { path: String, message: String },
+    #[error("{0}")]
+    Batch(String),
+    #[error("the rendered template is not a valid JobTemplateSpec: {0}")]
+    Invalid(String),
+}
+
+/// Values templates see besides `event`.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateValues {
+    /// `params.*` from a `templateRef`.
+    pub params: BTreeMap<String, String>,
+}
+
+/// Renders `template` for `events` of `pipeline`: one event in `perEvent` mode, the whole
+/// batch in `indexed` mode.
+pub fn render_job(
+    pipeline: &Pipeline,
+    template: &JobTemplateSpec,
+    values: &TemplateValues,
+    events: &[Event],
+) -> Result<RenderedJob, RenderError> {
+    let mode = pipeline.spec.fanout.mode;
+    match (mode, events.len()) {
+        (_, 0) => return Err(RenderError::Batch("no events to render".to_string())),
+        (FanOutMode::PerEvent, n) if n > 1 => {
+            return Err(RenderError::Batch(format!(
+                "perEvent mode renders one event per Job, got {n}"
+            )));
+        }
+        _ => {}
+    }
+    let namespace = pipeline_namespace(pipeline);
+    let pipeline_name = pipeline.metadata.name.clone().unwrap_or_default();
+    let ids: Vec<&str> = events.iter().map(Event::id).collect();
+    let name = naming::job_name(&namespace, &pipeline_name, &ids);
+    let batch = naming::batch_id(&namespace, &pipeline_name, &ids);
+
+    let context = template_context(pipeline, values, events, &batch, mode);
+    let raw = serde_json::to_value(template).map_err(|e| RenderError::Invalid(e.to_string()))?;
+    let rendered = render_strings(&raw, &context, "")?;
+    let mut template: JobTemplateSpec =
+        serde_json::from_value(rendered).map_err(|e| RenderError::Invalid(e.to_string()))?;
+
+    let input = job_input(mode, events)?;
+    let mut spec = template.spec.take().unwrap_or_default();
+    shape_job_spec(&mut spec, pipeline, events.len());
+    let pod_meta = spec.template.metadata.get_or_insert_with(Default::default);
+    add_spate_labels(pod_meta, &pipeline_name, &batch);
+    let pod = spec.template.spec.get_or_insert_with(Default::default);
+    apply_placement(pod, pipeline);
+    pass_input(pod, &input, &name, &pipeline_name, events);
+
+    let mut metadata = template.metadata.take().unwrap_or_default();
+    metadata.name = Some(name.clone());
+    metadata.generate_name = None;
+    metadata.namespace = Some(namespace.clone());
+    add_spate_labels(&mut metadata, &pipeline_name, &batch);
+    let annotations = metadata.annotations.get_or_insert_with(Default::default);
+    annotations.insert(
+        EVENT_IDS_ANNOTATION.to_string(),
+        Value::from(ids.clone()).to_string(),
+    );
+    annotations.insert(
+        SOURCE_ANNOTATION.to_string(),
+        pipeline.spec.source.kind().to_string(),
+    );
+
+    let input = input.map(|contents| ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace),
+            labels: metadata.labels.clone(),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(contents.file.to_string(), contents.text)])),
+        ..Default::default()
+    });
+    Ok(RenderedJob {
+        job: Job {
+            metadata,
+            spec: Some(spec),
+            status: None,
+        },
+        input,
+    })
+}
+
+pub fn pipeline_namespace(pipeline: &Pipeline) -> String {
+    pipeline
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string())
+}
+
+fn template_context(
+    pipeline: &Pipeline,
+    values: &TemplateValues,
+    events: &[Event],
+    batch: &str,
+    mode: FanOutMode,
+) -> Value {
+    let mut context = json!({
+        "pipeline": {
+            "name": pipeline.metadata.name.clone().unwrap_or_default(),
+            "namespace": pipeline_namespace(pipeline),
+        },
+        "batch": {"id": batch, "size": events.len()},
+        "params": values.params,
+    });
+    if let (FanOutMode::PerEvent, [event]) = (mode, events) {
+        context["event"] = event.to_json();
+    }
+    context
+}
+
+/// Renders every string containing a placeholder, keeping the structure exactly as parsed.
+fn render_strings(value: &Value, context: &Value, path: &str) -> Result<Value, RenderError> {
+    Ok(match value {
+        Value::String(text) if has_placeholder(text) => {
+            Value::String(render_text(text, context).map_err(|message| {
+                RenderError::Placeholder {
+                    path: path.to_string(),
+                    message,
+                }
+            })?)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| render_strings(item, context, &join_index(path, i)))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => {
+            let mut out = Map::with_capacity(map.len());
+            for (key, item) in map {
+                out.insert(
+                    key.clone(),
+                    render_strings(item, context, &join_key(path, key))?,
+                );
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    })
+}
+
+pub fn has_placeholder(text: &str) -> bool {
+    text.contains("{{") || text.contains("{%")
+}
+
+static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
+    let mut env = Environment::new();
+    // A template naming a field the event lacks is an error, never an empty string.
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env
+});
+
+/// Every `event.*`, `params.*`, `pipeline.*` and `batch.*` reference in a template's strings.
+pub fn template_references(template: &Value) -> Vec<String> {
+    match template {
+        Value::String(text) => dotted_references(text),
+        Value::Array(items) => items.iter().flat_map(template_references).collect(),
+        Value::Object(map) => map.values().flat_map(template_references).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Renders one string. Errors name the missing field when a reference cannot be resolved.
+fn render_text(text: &str, context: &Value) -> Result<String, String> {
+    if let Some(message) = first_unresolved_reference(text, context) {
+        return Err(message);
+    }
+    ENVIRONMENT
+        .render_str(text, minijinja::value::Serde(context))
+        .map_err(|error| match error.detail() {
+            Some(detail) => format!("{}: {detail}", error.kind()),
+            None => error.kind().to_string(),
+        })
+}
+
+/// Finds the first `event.a.b` / `params.x` reference the context cannot resolve, to say
+/// which field is missing rather than minijinja's generic "undefined value".
+fn first_unresolved_reference(text: &str, context: &Value) -> Option<String> {
+    for reference in dotted_references(text) {
+        let mut parts = reference.split('.');
+        let Some(root) = parts.next() else { continue };
+        let Some(mut current) = context.get(root) else {
+            if root == "event" {
+                return Some(
+                    "`event` is not available in indexed mode: one Job serves a whole batch; \
+                     each pod reads its item from the JSON list in $SPATE_ITEMS_FILE at index \
+                     $JOB_COMPLETION_INDEX"
+                        .to_string(),
+                );
+            }
+            continue;
+        };
+        let mut walked = root.to_string();
+        for part in parts {
+            match current.get(part) {
+                Some(next) => {
+                    current = next;
+                    walked = format!("{walked}.{part}");
+                }
+                None => {
+                    let available: Vec<&str> = current
+                        .as_object()
+                        .map(|m| m.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
+                    let what = if root == "params" {
+                        "template parameter".to_string()
+                    } else {
+                        format!("field of `{walked}`")
+                    };
+                    let has = if available.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (it has: {})", available.join(", "))
+                    };
+                    return Some(format!("`{reference}`: no {what} named `{part}`{has}"));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `event.key`, `params.width`, … as written inside `{{ }}` and `{% %}` blocks.
+fn dotted_references(text: &str) -> Vec<String> {
+    let mut references = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(['{']) {
+        rest = &rest[start + 1..];
+        let close = match rest.chars().next() {
+            Some('{') => "}}",
+            Some('%') => "%}",
+            _ => continue,
+        };
+        let Some(end) = rest.find(close) else { break };
+        let block = &rest[1..end];
+        rest = &rest[end..];
+        let mut current = String::new();
+        for c in block.chars().chain(std::iter::once(' ')) {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                current.push(c);
+            } else {
+                let token = current.trim_matches('.');
+                if token.contains('.')
+                    && ["event.", "params.", "pipeline.", "batch."]
+                        .iter()
+                        .any(|root| token.starts_with(root))
+                {
+                    references.push(token.to_string());
+                }
+                current.clear();
+            }
+        }
+    }
+    references
+}
+
+/// The input file, when the events do not travel in env.
+struct InputFile {
+    file: &'static str,
+    text: String,
+}
+
+fn job_input(mode: FanOutMode, events: &[Event]) -> Result<Option<InputFile>, RenderError> {
+    let (file, text) = match (mode, events) {
+        (FanOutMode::PerEvent, [event]) => {
+            let text = event.to_json().to_string();
+            if text.len() <= MAX_ENV_EVENT_BYTES {
+                return Ok(None);
+            }
+            ("event.json", text)
+        }
+        _ => (
+            "items.json",
+            Value::from(events.iter().map(Event::to_json).collect::<Vec<_>>()).to_string(),
+        ),
+    };
+    if text.len() > MAX_INPUT_BYTES {
+        return Err(RenderError::Batch(format!(
+            "the events of this Job take {} KiB, more than a ConfigMap holds ({} KiB); lower \
+             fanout.batchSize or send smaller events (e.g. a reference to the data, not the data)",
+            text.len() / 1024,
+            MAX_INPUT_BYTES / 1024
+        )));
+    }
+    Ok(Some(InputFile { file, text }))
+}
+
+fn shape_job_spec(spec: &mut JobSpec, pipeline: &Pipeline, events: usize) {
+    let fanout = &pipeline.spec.fanout;
+    spec.ttl_seconds_after_finished
+        .get_or_insert(pipeline.spec.ttl_seconds_after_finished);
+    spec.backoff_limit
+        .get_or_insert(pipeline.spec.retry.backoff_limit);
+    let pod = spec.template.spec.get_or_insert_with(Default::default);
+    pod.restart_policy
+        .get_or_insert_with(|| "Never".to_string());
+    match fanout.mode {
+        FanOutMode::PerEvent => {
+            spec.completions.get_or_insert(1);
+            spec.parallelism.get_or_insert(1);
+        }
+        FanOutMode::Indexed => {
+            let completions = i32::try_from(events).unwrap_or(i32::MAX);
+            let budget = i32::try_from(fanout.max_parallelism).unwrap_or(i32::MAX);
+            spec.completion_mode = Some("Indexed".to_string());
+            spec.completions = Some(completions);
+            spec.parallelism = Some(
+                completions
+                    .min(budget)
+                    .min(spec.parallelism.unwrap_or(i32::MAX)),
+            );
+        }
+    }
+}
+
+fn add_spate_labels(metadata: &mut ObjectMeta, pipeline: &str, batch: &str) {
+    let labels = metadata.labels.get_or_insert_with(Default::default);
+    for value in labels.values_mut() {
+        *value = naming::sanitize_label_value(value);
+    }
+    labels.insert(
+        PIPELINE_LABEL.to_string(),
+        naming::sanitize_label_value(pipeline),
+    );
+    labels.insert(BATCH_LABEL.to_string(), batch.to_string());
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_string(),
+        "spate".to_string(),
+    );
+}
+
+/// The virtual-kubelet toleration every provider's taint is covered by.
+pub fn virtual_kubelet_toleration() -> Toleration {
+    Toleration {
+        key: Some(VIRTUAL_KUBELET_TAINT.to_string()),
+        operator: Some("Exists".to_string()),
+        effect: Some("NoSchedule".to_string()),
+        ..Default::default()
+    }
+}
+
+fn not_virtual_node() -> NodeSelectorRequirement {
+    NodeSelectorRequirement {
+        key: NODE_TYPE_LABEL.to_string(),
+        operator: "NotIn".to_string(),
+        values: Some(vec![VIRTUAL_KUBELET_NODE_TYPE.to_string()]),
+    }
+}
+
+/// Adds what `placement` asks for to what the template already says; the template's own
+/// tolerations, selectors and affinities are kept.
+fn apply_placement(pod: &mut PodSpec, pipeline: &Pipeline) {
+    let placement = &pipeline.spec.placement;
+    let tolerations = placement
+        .tolerations
+        .clone()
+        .unwrap_or_else(|| vec![virtual_kubelet_toleration()]);
+    let tolerate = |pod: &mut PodSpec| {
+        let existing = pod.tolerations.get_or_insert_with(Vec::new);
+        for toleration in &tolerations {
+            if !existing.contains(toleration) {
+                existing.push(toleration.clone());
+            }
+        }
+    };
+    match placement.mode {
+        PlacementMode::Virtual => {
+            tolerate(pod);
+            let selector = placement.node_selector.clone().unwrap_or_else(|| {
+                BTreeMap::from([(
+                    NODE_TYPE_LABEL.to_string(),
+                    VIRTUAL_KUBELET_NODE_TYPE.to_string(),
+                )])
+            });
+            let existing = pod.node_selector.get_or_insert_with(Default::default);
+            for (key, value) in selector {
+                existing.entry(key).or_insert(value);
+            }
+        }
+        PlacementMode::Burst => {
+            tolerate(pod);
+            node_affinity(pod)
+                .preferred_during_scheduling_ignored_during_execution
+                .get_or_insert_with(Vec::new)
+                .push(PreferredSchedulingTerm {
+                    weight: 100,
+                    preference: NodeSelectorTerm {
+                        match_expressions: Some(vec![not_virtual_node()]),
+                        match_fields: None,
+                    },
+                });
+        }
+        PlacementMode::Regular => {
+            // Some providers' virtual nodes carry no taint; a required affinity keeps pods off
+            // them all the same.
+            let required = node_affinity(pod)
+                .required_during_scheduling_ignored_during_execution
+                .get_or_insert_with(|| NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm::default()],
+                });
+            if required.node_selector_terms.is_empty() {
+                required
+                    .node_selector_terms
+                    .push(NodeSelectorTerm::default());
+            }
+            // Terms are ORed, so the requirement must hold in each of them.
+            for term in &mut required.node_selector_terms {
+                term.match_expressions
+                    .get_or_insert_with(Vec::new)
+                    .push(not_virtual_node());
+            }
+        }
+    }
+}
+
+fn node_affinity(pod: &mut PodSpec) -> &mut NodeAffinity {
+    pod.affinity
+        .get_or_insert_with(Affinity::default)
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default)
+}
+
+/// Hands the event (or the batch) to every container: in env when small, else as a file.
+fn pass_input(
+    pod: &mut PodSpec,
+    input: &Option<InputFile>,
+    job_name: &str,
+    pipeline: &str,
+    events: &[Event],
+) {
+    let mut env = vec![env_var("SPATE_PIPELINE", pipeline)];
+    match (input, events) {
+        (None, [event]) => {
+            env.push(env_var("SPATE_EVENT_ID", event.id()));
+            env.push(env_var("SPATE_EVENT", &event.to_json().to_string()));
+        }
+        (Some(file), [event]) if file.file == "event.json" => {
+            env.push(env_var("SPATE_EVENT_ID", event.id()));
+            env.push(env_var(
+                "SPATE_EVENT_FILE",
+                &format!("{INPUT_MOUNT_PATH}/event.json"),
+            ));
+        }
+        _ => {
+            env.push(env_var(
+                "SPATE_ITEMS_FILE",
+                &format!("{INPUT_MOUNT_PATH}/items.json"),
+            ));
+            env.push(env_var("SPATE_BATCH_SIZE", &events.len().to_string()));
+        }
+    }
+    if input.is_some() {
+        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: INPUT_VOLUME.to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: job_name.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let containers = pod
+        .containers
+        .iter_mut()
+        .chain(pod.init_containers.iter_mut().flatten());
+    for container in containers {
+        add_env(container, &env);
+        if input.is_some() {
+            container
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: INPUT_VOLUME.to_string(),
+                    mount_path: INPUT_MOUNT_PATH.to_string(),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
+        }
+    }
+}
+
+fn env_var(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+/// `SPATE_*` variables are Spate's: they replace a template's variable of the same name.
+fn add_env(container: &mut Container, vars: &[EnvVar]) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    env.retain(|existing| !vars.iter().any(|var| var.name == existing.name));
+    env.extend(vars.iter().cloned());
+}
+
+/// Template fields that pass text to a shell: a container whose command (or args) is
+/// `<shell> -c <script>`; returns the paths of the script strings holding event placeholders.
+pub fn shell_script_placeholders(template: &Value) -> Vec<String> {
+    const SHELLS: [&str; 7] = ["sh", "bash", "dash", "zsh", "ash", "ksh", "busybox"];
+    let mut found = Vec::new();
+    let pod = &template["spec"]["template"]["spec"];
+    for list in ["containers", "initContainers"] {
+        let Some(containers) = pod[list].as_array() else {
+            continue;
+        };
+        for (index, container) in containers.iter().enumerate() {
+            let base = join_index(&format!("spec.template.spec.{list}"), index);
+            let words: Vec<(String, &str)> = ["command", "args"]
+                .iter()
+                .flat_map(|field| {
+                    let base = &base;
+                    container[*field]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                        .filter_map(move |(i, word)| {
+                            Some((join_index(&join_key(base, field), i), word.as_str()?))
+                        })
+                })
+                .collect();
+            let Some((_, program)) = words.first() else {
+                continue;
+            };
+            let program = program.rsplit('/').next().unwrap_or(program);
+            if !SHELLS.contains(&program) {
+                continue;
+            }
+            let Some(dash_c) = words.iter().position(|(_, w)| *w == "-c") else {
+                continue;
+            };
+            for (path, word) in &words[dash_c + 1..] {
+                if dotted_references(word)
+                    .iter()
+                    .any(|r| r.starts_with("event."))
+                {
+                    found.push(path.clone());
+                }
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_references_a_template_makes() {
+        assert_eq!(
+            dotted_references("{{ event.key }}-{{ params.width|int }} {% if event.meta.a %}"),
+            ["event.key", "params.width", "event.meta.a"]
+        );
+        assert!(dotted_references("{ not } {{ 1 + 2 }}").is_empty());
+    }
+
+    #[test]
+    fn a_missing_field_is_named_with_what_the_event_has() {
+        let context = json!({"event": {"id": "1", "key": "a.jpg"}});
+        let message = render_text("{{ event.bucket }}", &context).unwrap_err();
+        assert!(
+            message.contains("no field of `event` named `bucket`"),
+            "{message}"
+        );
+        assert!(message.contains("it has: id, key"), "{message}");
+        assert_eq!(
+            render_text("x-{{ event.key }}", &context).unwrap(),
+            "x-a.jpg"
+        );
+    }
+
+    #[test]
+    fn event_text_is_data_even_when_it_looks_like_a_template() {
+        let context = json!({"event": {"id": "1", "key": "{{ pipeline.name }}; rm -rf /"}});
+        assert_eq!(
+            render_text("{{ event.key }}", &context).unwrap(),
+            "{{ pipeline.name }}; rm -rf /"
+        );
+    }
+
+    #[test]
+    fn shell_scripts_may_not_carry_event_placeholders() {
+        let template = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "a", "command": ["/bin/sh", "-c", "convert {{ event.key }}"]},
+            {"name": "b", "command": ["convert"], "args": ["{{ event.key }}"]},
+            {"name": "c", "command": ["bash"], "args": ["-c", "echo \"$KEY\""]},
+        ]}}}});
+        assert_eq!(
+            shell_script_placeholders(&template),
+            ["spec.template.spec.containers[0].command[2]"]
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! What the engine's end-to-end tests share: an engine on the simulator, watchers that see
+//! every Job and pod of a pipeline, and the checks of the burst story (one Job per event,
+//! the budget held, back to zero).
+
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use parking_lot::Mutex;
+use spate::engine::{Engine, EngineOptions};
+use spate::pipeline::load_str;
+use spate_sources::checkpoint::FileCheckpoints;
+use tokio::task::JoinHandle;
+
+/// Pods of the pipeline pending or running at once, as a watcher sees them.
+#[derive(Default, Debug)]
+pub struct PodCensus {
+    active: HashSet<String>,
+    pub peak: usize,
+    on_node: BTreeMap<String, HashSet<String>>,
+    /// The most pods each node held at once.
+    pub node_peak: BTreeMap<String, usize>,
+}
+
+impl PodCensus {
+    pub fn on_virtual_only(&self) -> bool {
+        self.node_peak.keys().all(|node| node.contains("virtual"))
+    }
+}
+
+/// Job name → (its event ids, complete).
+type SeenJobs = BTreeMap<String, (Vec<String>, bool)>;
+
+/// Watches a pipeline's pods and Jobs for the whole test.
+pub struct Observer {
+    census: Arc<Mutex<PodCensus>>,
+    jobs: Arc<Mutex<SeenJobs>>,
+    /// `key` of each event, from the `SPATE_EVENT` each Job hands its pod.
+    keys: Arc<Mutex<HashSet<String>>>,
+    watches: Vec<JoinHandle<()>>,
+    client: kube::Client,
+    selector: String,
+}
+
+impl Observer {
+    pub fn start(client: &kube::Client, pipeline: &str) -> Observer {
+        let selector = format!("spate.dev/pipeline={pipeline}");
+        let census = Arc::new(Mutex::new(PodCensus::default()));
+        let jobs = Arc::new(Mutex::new(BTreeMap::new()));
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let watch_census = census.clone();
+        let pod_watch = tokio::spawn(
+            watcher(pods, watcher::Config::default().labels(&selector))
+                .applied_objects()
+                .for_each(move |pod| {
+                    let census = watch_census.clone();
+                    async move {
+                        let Ok(pod) = pod else { return };
+                        record_pod(&mut census.lock(), &pod);
+                    }
+                }),
+        );
+        let job_api: Api<Job> = Api::namespaced(client.clone(), "default");
+        let watch_jobs = jobs.clone();
+        let keys = Arc::new(Mutex::new(HashSet::new()));
+        let watch_keys = keys.clone();
+        let job_watch = tokio::spawn(
+            watcher(job_api, watcher::Config::default().labels(&selector))
+                .applied_objects()
+                .for_each(move |job| {
+                    let seen = watch_jobs.clone();
+                    let keys = watch_keys.clone();
+                    async move {
+                        let Ok(job) = job else { return };
+                        if let Some(key) = event_key(&job) {
+                            keys.lock().insert(key);
+                        }
+                        let complete =
+                            spate::engine::tracker::finished(&job).is_some_and(|(ok, _)| ok);
+                        let ids = event_ids(&job);
+                        let mut seen = seen.lock();
+                        let entry = seen
+                            .entry(job.metadata.name.unwrap_or_default())
+                            .or_insert((ids, false));
+                        entry.1 |= complete;
+                    }
+                }),
+        );
+        Observer {
+            census,
+            jobs,
+            keys,
+            watches: vec![pod_watch, job_watch],
+            client: client.clone(),
+            selector,
+        }
+    }
+
+    /// Waits until every id in `expected` has a complete Job, then checks each has exactly one.
+    pub async fn expect_one_complete_job_per_event(
+        &self,
+        expected: &HashSet<String>,
+        timeout: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (covered, complete) = {
+                let seen = self.jobs.lock();
+                let covered: HashSet<String> = seen
+                    .values()
+                    .flat_map(|(ids, _)| ids.iter().cloned())
+                    .collect();
+                (covered, seen.values().all(|(_, complete)| *complete))
+            };
+            if &covered == expected && complete {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {} events have a Job",
+                covered.len(),
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut owners = BTreeMap::<String, usize>::new();
+        for (ids, _) in self.jobs.lock().values() {
+            for id in ids {
+                *owners.entry(id.clone()).or_default() += 1;
+            }
+        }
+        assert!(
+            owners.values().all(|count| *count == 1),
+            "an event ran twice"
+        );
+    }
+
+    /// Waits until no Job and no pod of the pipeline is left (the TTL did its work).
+    pub async fn expect_back_to_zero(&self, timeout: Duration) {
+        let list = ListParams::default().labels(&self.selector);
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), "default");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let jobs_left = jobs
+                .list(&list)
+                .await
+                .map(|l| l.items.len())
+                .unwrap_or(usize::MAX);
+            let pods_left = pods
+                .list(&list)
+                .await
+                .map(|l| l.items.len())
+                .unwrap_or(usize::MAX);
+            if jobs_left == 0 && pods_left == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{jobs_left} Jobs and {pods_left} pods left after the TTL"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Every event id the pipeline's Jobs carry so far.
+    pub fn event_ids(&self) -> HashSet<String> {
+        self.jobs
+            .lock()
+            .values()
+            .flat_map(|(ids, _)| ids.iter().cloned())
+            .collect()
+    }
+
+    /// The object keys of the events the Jobs carry, read from the Jobs themselves.
+    pub fn event_keys(&self) -> HashSet<String> {
+        self.keys.lock().clone()
+    }
+
+    pub fn finish(self) -> PodCensus {
+        for watch in self.watches {
+            watch.abort();
+        }
+        std::mem::take(&mut *self.census.lock())
+    }
+}
+
+fn record_pod(census: &mut PodCensus, pod: &Pod) {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    let active = phase == "Pending" || phase == "Running";
+    if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+        let on_node = census.on_node.entry(node.clone()).or_default();
+        if active {
+            on_node.insert(name.clone());
+        } else {
+            on_node.remove(&name);
+        }
+        let held = on_node.len();
+        let peak = census.node_peak.entry(node).or_default();
+        *peak = (*peak).max(held);
+    }
+    if active {
+        census.active.insert(name);
+    } else {
+        census.active.remove(&name);
+    }
+    census.peak = census.peak.max(census.active.len());
+}
+
+/// The `key` field of a per-event Job's event.
+fn event_key(job: &Job) -> Option<String> {
+    let pod = job.spec.as_ref()?.template.spec.as_ref()?;
+    let event = pod
+        .containers
+        .first()?
+        .env
+        .as_ref()?
+        .iter()
+        .find(|v| v.name == "SPATE_EVENT")?;
+    let event: serde_json::Value = serde_json::from_str(event.value.as_deref()?).ok()?;
+    Some(event["key"].as_str()?.to_string())
+}
+
+pub fn event_ids(job: &Job) -> Vec<String> {
+    job.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("spate.dev/event-ids"))
+        .and_then(|ids| serde_json::from_str(ids).ok())
+        .unwrap_or_default()
+}
+
+/// Starts the engine in this process for one pipeline given as YAML.
+pub async fn start_engine(client: &kube::Client, yaml: &str, state: &std::path::Path) -> Engine {
+    let loaded = load_str(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e:#?}"));
+    Engine::start(
+        client.clone(),
+        loaded,
+        EngineOptions {
+            state_dir: state.to_path_buf(),
+            checkpoints: Arc::new(FileCheckpoints::new(state)),
+            namespace_budget: None,
+            webhooks: None,
+            drain_timeout: Duration::from_secs(10),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A Job template whose pods run `seconds` on the simulator.
+pub fn job_template(seconds: f64) -> String {
+    format!(
+        r#"  jobTemplate:
+    spec:
+      template:
+        metadata:
+          annotations:
+            sim.spate.dev/run-seconds: "{seconds}"
+        spec:
+          containers:
+            - name: work
+              image: busybox:1.36
+"#
+    )
+}
+
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+pub async fn connect_amqp() -> Connection {
+    Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (scripts/services starts it)")
+}
+
+/// Declares `queue` (durable) and publishes one persistent message per id, with that id as
+/// its `message-id`, waiting for each to be routed.
+pub async fn publish(connection: &Connection, queue: &str, ids: impl IntoIterator<Item = String>) {
+    let channel = connection.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(ShortString::from(queue), durable, FieldTable::default())
+        .await
+        .unwrap();
+    for id in ids {
+        let body = serde_json::json!({"id": id}).to_string();
+        channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_message_id(ShortString::from(id))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+/// `prefix-0`, `prefix-1`, … `prefix-(count-1)`, offset by `from`.
+pub fn ids(prefix: &str, from: usize, count: usize) -> impl Iterator<Item = String> + '_ {
+    (from..from + count).map(move |i| format!("{prefix}-{i}"))
+}
+
+/// Messages ready in `queue`: with no consumer, every unacknowledged message is ready again.
+pub async fn messages_left(connection: &Connection, queue: &str) -> u32 {
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(ShortString::from(queue), passive, FieldTable::default())
+        .await
+        .unwrap()
+        .message_count()
+}
+
+pub async fn delete_queues(connection: &Connection, queues: &[&str]) {
+    let channel = connection.create_channel().await.unwrap();
+    for queue in queues {
+        let _ = channel
+            .queue_delete(ShortString::from(*queue), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+/// Event id → how many of `jobs` carry it.
+pub fn jobs_per_event<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> BTreeMap<String, usize> {
+    let mut owners = BTreeMap::new();
+    for job in jobs {
+        for id in event_ids(job) {
+            *owners.entry(id).or_insert(0) += 1;
+        }
+    }
+    owners
+}

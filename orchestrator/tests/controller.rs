@@ -1,0 +1,319 @@
+//! `spate run` as the in-cluster controller, on the simulator with real RabbitMQ: Pipelines
+//! created, paused, resumed, made invalid and deleted through the API; two replicas with one
+//! leader and a fail-over.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{AMQP, connect_amqp, delete_queues, ids, publish};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt, Resource};
+use spate::engine::EngineOptions;
+use spate::engine::controller::{self, ControllerOptions};
+use spate::engine::leader::LeaseConfig;
+use spate::pipeline::Pipeline;
+use spate_sim::{SimCluster, SimConfig};
+use spate_sources::checkpoint::FileCheckpoints;
+use tokio_util::sync::CancellationToken;
+
+fn pipeline(name: &str, queue: &str) -> Pipeline {
+    let yaml = format!(
+        r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  source:
+    amqp: {{url: "{AMQP}", queue: {queue}, prefetch: 20}}
+  fanout: {{maxParallelism: 100, maxJobsPerSecond: 500, burst: 100}}
+  ttlSecondsAfterFinished: 600
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers: [{{name: work, image: busybox}}]
+"#
+    );
+    spate::pipeline::load_str(&yaml, "p.yaml")
+        .unwrap()
+        .remove(0)
+        .pipeline
+}
+
+fn options(identity: &str, state: &std::path::Path) -> ControllerOptions {
+    ControllerOptions {
+        namespace: Some("default".to_string()),
+        engine: EngineOptions {
+            state_dir: state.to_path_buf(),
+            checkpoints: Arc::new(FileCheckpoints::new(state)),
+            namespace_budget: None,
+            webhooks: None,
+            drain_timeout: Duration::from_secs(5),
+        },
+        lease: LeaseConfig {
+            namespace: "default".to_string(),
+            name: "spate-controller".to_string(),
+            identity: identity.to_string(),
+            duration: Duration::from_secs(3),
+            renew: Duration::from_millis(500),
+        },
+        status_interval: Duration::from_millis(300),
+    }
+}
+
+async fn install_crd(cluster: &SimCluster) {
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
+    crds.create(&PostParams::default(), &Pipeline::crd())
+        .await
+        .unwrap();
+    // Served once discovery knows it.
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    for _ in 0..100 {
+        if pipelines.list(&ListParams::default()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the Pipeline CRD is not served");
+}
+
+async fn eventually<F, Fut>(what: &str, seconds: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let last = match check().await {
+            Ok(()) => return,
+            Err(last) => last,
+        };
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Event id → Jobs carrying it, for Jobs owned by `owner_uid`.
+async fn owned_jobs(jobs: &Api<Job>, owner_uid: &str) -> BTreeMap<String, usize> {
+    let list = jobs.list(&ListParams::default()).await.unwrap();
+    let owned = list.items.iter().filter(|job| {
+        job.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|owner| owner.uid == owner_uid && owner.kind == "Pipeline")
+    });
+    common::jobs_per_event(owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    install_crd(&cluster).await;
+    let state = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(controller::run(
+        cluster.client(),
+        options("replica-a", state.path()),
+        stop.clone(),
+    ));
+    let queue = format!("spate-controller-{}", std::process::id());
+    let connection = connect_amqp().await;
+    publish(&connection, &queue, ids("c", 0, 30)).await;
+
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
+    let created = pipelines
+        .create(&PostParams::default(), &pipeline("orders", &queue))
+        .await
+        .unwrap();
+    let uid = created.meta().uid.clone().unwrap();
+
+    eventually("30 Jobs owned by the Pipeline", 60, || async {
+        let owners = owned_jobs(&jobs, &uid).await;
+        (owners.len() == 30 && owners.values().all(|n| *n == 1))
+            .then_some(())
+            .ok_or(format!("{} events have Jobs", owners.len()))
+    })
+    .await;
+    eventually("status counts and Ready", 30, || async {
+        let status = pipelines
+            .get_status("orders")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let ready = status
+            .conditions
+            .first()
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        (status.received == 30
+            && status.source.as_deref() == Some("amqp")
+            && ready == Some(("True".to_string(), "Running".to_string())))
+        .then_some(())
+        .ok_or(format!("{status:?}"))
+    })
+    .await;
+
+    // Paused with the CLI: new messages wait in the queue.
+    let kubeconfig = state.path().join("kubeconfig");
+    cluster.write_kubeconfig(&kubeconfig).unwrap();
+    let spate = |verb: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
+            .args([verb, "orders", "-n", "default", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    spate("pause");
+    eventually("Paused condition", 30, || async {
+        let status = pipelines
+            .get_status("orders")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        (status.conditions.first().map(|c| c.reason.as_str()) == Some("Paused"))
+            .then_some(())
+            .ok_or(format!("{status:?}"))
+    })
+    .await;
+    publish(&connection, &queue, ids("c", 30, 10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        owned_jobs(&jobs, &uid).await.len(),
+        30,
+        "a paused pipeline took events"
+    );
+
+    // Resumed with the CLI: they get their Jobs.
+    spate("resume");
+    eventually("40 Jobs after resume", 60, || async {
+        let owners = owned_jobs(&jobs, &uid).await;
+        (owners.len() == 40 && owners.values().all(|n| *n == 1))
+            .then_some(())
+            .ok_or(format!("{} events have Jobs", owners.len()))
+    })
+    .await;
+
+    // An invalid change is reported, field and all, and nothing runs.
+    let invalid = serde_json::json!({"spec": {"fanout": {"batchSize": 0}}});
+    pipelines
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&invalid))
+        .await
+        .unwrap();
+    eventually("Invalid condition naming the field", 30, || async {
+        let status = pipelines
+            .get_status("orders")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let invalid = status.conditions.first().is_some_and(|condition| {
+            condition.reason == "Invalid" && condition.message.contains("spec.fanout.batchSize")
+        });
+        invalid.then_some(()).ok_or(format!("{status:?}"))
+    })
+    .await;
+
+    // Deleted: its Jobs are garbage-collected through their owner reference.
+    pipelines
+        .delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("Jobs gone with their Pipeline", 60, || async {
+        let left = owned_jobs(&jobs, &uid).await.len();
+        (left == 0)
+            .then_some(())
+            .ok_or(format!("{left} events still have Jobs"))
+    })
+    .await;
+
+    stop.cancel();
+    running.await.unwrap();
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_run_each_pipeline_once_and_fail_over() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    install_crd(&cluster).await;
+    let state_a = tempfile::tempdir().unwrap();
+    let state_b = tempfile::tempdir().unwrap();
+    let stop_a = CancellationToken::new();
+    let stop_b = CancellationToken::new();
+    let replica_a = tokio::spawn(controller::run(
+        cluster.client(),
+        options("replica-a", state_a.path()),
+        stop_a.clone(),
+    ));
+    // Let A win the lease before B starts, so the test knows whom to kill.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let replica_b = tokio::spawn(controller::run(
+        cluster.client(),
+        options("replica-b", state_b.path()),
+        stop_b.clone(),
+    ));
+
+    let queue = format!("spate-leader-{}", std::process::id());
+    let connection = connect_amqp().await;
+    publish(&connection, &queue, ids("c", 0, 20)).await;
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
+    let uid = pipelines
+        .create(&PostParams::default(), &pipeline("ledger", &queue))
+        .await
+        .unwrap()
+        .meta()
+        .uid
+        .clone()
+        .unwrap();
+    eventually("20 Jobs", 60, || async {
+        let owners = owned_jobs(&jobs, &uid).await;
+        (owners.len() == 20)
+            .then_some(())
+            .ok_or(format!("{}", owners.len()))
+    })
+    .await;
+
+    // The leader dies; the other takes over and the work continues, once per event.
+    stop_a.cancel();
+    replica_a.await.unwrap();
+    publish(&connection, &queue, ids("c", 20, 20)).await;
+    eventually("40 Jobs after fail-over", 60, || async {
+        let owners = owned_jobs(&jobs, &uid).await;
+        (owners.len() == 40 && owners.values().all(|n| *n == 1))
+            .then_some(())
+            .ok_or(format!("{} events have Jobs: {owners:?}", owners.len()))
+    })
+    .await;
+    let lease: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(cluster.client(), "default");
+    let holder = lease
+        .get("spate-controller")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity;
+    assert_eq!(holder.as_deref(), Some("replica-b"));
+
+    stop_b.cancel();
+    replica_b.await.unwrap();
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}

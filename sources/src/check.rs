@@ -1,0 +1,143 @@
+//! Checks shared by every connector's `validate()`: durations, URLs, NATS subjects.
+//!
+//! Problems are collected, not returned at the first one, with the field path they concern,
+//! so a pipeline file with several mistakes shows them all at their lines.
+
+use std::time::Duration;
+
+/// Problems found in a configuration, each with its field path.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push((path.into(), message.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<(String, String)> {
+        self.0
+    }
+
+    /// Parses a duration such as `500ms`, `2s`, `5m` or `1h30m`; it must be longer than zero.
+    pub fn duration(&mut self, path: &str, text: &str) -> Option<Duration> {
+        match humantime::parse_duration(text) {
+            Ok(duration) if !duration.is_zero() => Some(duration),
+            Ok(_) => {
+                self.push(path, "must be longer than zero");
+                None
+            }
+            Err(error) => {
+                self.push(
+                    path,
+                    format!(
+                        "`{text}` is not a duration ({error}); write e.g. `500ms`, `2s`, `5m`, `1h`"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Checks that `url` starts with one of `schemes` and names a host or bucket.
+    pub fn url(&mut self, path: &str, url: &str, schemes: &[&str]) {
+        match url.split_once("://") {
+            Some((scheme, rest)) if schemes.contains(&scheme) => {
+                if rest.is_empty() || (rest.starts_with('/') && scheme != "file") {
+                    self.push(path, format!("`{url}` names no host or bucket"));
+                }
+            }
+            _ => {
+                let expected: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+                self.push(
+                    path,
+                    format!("`{url}` must start with {}", expected.join(" or ")),
+                );
+            }
+        }
+    }
+
+    pub fn at_least(&mut self, path: &str, value: u64, minimum: u64, why: &str) {
+        if value < minimum {
+            self.push(
+                path,
+                format!("must be at least {minimum}{why}, got {value}"),
+            );
+        }
+    }
+}
+
+/// Duration fields are written as text; this reads one already validated.
+pub fn parse_duration(text: &str) -> Duration {
+    humantime::parse_duration(text).unwrap_or_default()
+}
+
+pub const BUCKET_SCHEMES: [&str; 4] = ["s3", "gs", "az", "file"];
+pub const AMQP_SCHEMES: [&str; 2] = ["amqp", "amqps"];
+pub const NATS_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
+pub const HTTP_SCHEMES: [&str; 2] = ["http", "https"];
+
+/// NATS subjects: dot-separated tokens, `*` a whole token, `>` only as the last token.
+pub fn check_subject(problems: &mut Problems, path: &str, subject: &str, wildcards: bool) {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let bad = tokens.iter().enumerate().any(|(index, token)| {
+        token.is_empty()
+            || token.chars().any(char::is_whitespace)
+            || (token.contains('*') && *token != "*")
+            || (token.contains('>') && (*token != ">" || index + 1 != tokens.len()))
+    });
+    if bad {
+        problems.push(
+            path,
+            format!(
+                "`{subject}` is not a valid subject: dot-separated tokens without spaces, `*` for \
+                 one token, `>` only at the end"
+            ),
+        );
+    } else if !wildcards && subject.contains(['*', '>']) {
+        problems.push(path, "a publish subject cannot hold wildcards");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_nats_rules() {
+        for (subject, ok) in [
+            ("a.b", true),
+            ("a.*.c", true),
+            ("a.>", true),
+            ("a..b", false),
+            ("a.>.b", false),
+            ("a b", false),
+            ("a.b*", false),
+        ] {
+            let mut problems = Problems::new();
+            check_subject(&mut problems, "s", subject, true);
+            assert_eq!(problems.is_empty(), ok, "{subject}");
+        }
+        let mut problems = Problems::new();
+        check_subject(&mut problems, "s", "a.*", false);
+        assert!(!problems.is_empty());
+    }
+
+    #[test]
+    fn urls_need_a_known_scheme_and_a_host() {
+        let mut problems = Problems::new();
+        problems.url("u", "amqp://h:5672", &AMQP_SCHEMES);
+        problems.url("u", "file:///tmp/x", &BUCKET_SCHEMES);
+        assert!(problems.is_empty());
+        problems.url("u", "http://h", &AMQP_SCHEMES);
+        problems.url("u", "s3://", &BUCKET_SCHEMES);
+        assert_eq!(problems.into_vec().len(), 2);
+    }
+}
