@@ -5,10 +5,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{AMQP, connect_amqp, delete_queues, ids, messages_left, publish};
+use common::{AMQP, KillOnDrop, connect_amqp, delete_queues, ids, messages_left, publish};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, ListParams};
 use spate_sim::{Faults, SimCluster, SimConfig};
@@ -17,7 +17,7 @@ fn spawn_spate(
     pipeline: &std::path::Path,
     kubeconfig: &std::path::Path,
     state: &std::path::Path,
-) -> Child {
+) -> KillOnDrop {
     spawn_spate_with_metrics(pipeline, kubeconfig, state, "127.0.0.1:0")
 }
 
@@ -26,7 +26,7 @@ fn spawn_spate_with_metrics(
     kubeconfig: &std::path::Path,
     state: &std::path::Path,
     metrics: &str,
-) -> Child {
+) -> KillOnDrop {
     Command::new(env!("CARGO_BIN_EXE_spate"))
         .args(["run", "--metrics-listen", metrics, "--state-dir"])
         .arg(state)
@@ -37,16 +37,26 @@ fn spawn_spate_with_metrics(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap()
 }
 
 /// Event id → how many of the pipeline's Jobs carry it.
+///
+/// The observer goes through the same API server as Spate, injected faults included, so it
+/// retries them as any client would instead of failing the test on a 429 or 500.
 async fn jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<String, usize> {
-    let list = jobs
-        .list(&ListParams::default().labels(selector))
-        .await
-        .unwrap();
-    common::jobs_per_event(&list.items)
+    let mut attempts = 0;
+    loop {
+        match jobs.list(&ListParams::default().labels(selector)).await {
+            Ok(list) => return common::jobs_per_event(&list.items),
+            Err(error) => {
+                attempts += 1;
+                assert!(attempts < 50, "listing Jobs keeps failing: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 async fn crash_and_recover(name: &str, mode: &str, faults: Faults) {

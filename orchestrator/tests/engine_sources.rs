@@ -264,6 +264,7 @@ spec:
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(common::KillOnDrop)
         .unwrap();
     let url = format!("http://127.0.0.1:{port}/hooks/checks");
     let http = reqwest::Client::new();

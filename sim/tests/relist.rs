@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use spate_sim::{Faults, SimCluster, SimConfig};
 
@@ -69,10 +70,18 @@ async fn a_burst_completes_while_every_watch_expires_and_relists() {
         if complete == 1000 {
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{complete} of 1000 Jobs complete: work was lost across relists"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
+            let mut phases = std::collections::BTreeMap::<String, usize>::new();
+            for pod in pods.list(&ListParams::default()).await.unwrap() {
+                let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
+                let bound = pod.spec.and_then(|s| s.node_name).is_some();
+                *phases.entry(format!("{phase} bound={bound}")).or_default() += 1;
+            }
+            panic!(
+                "{complete} of 1000 Jobs complete: work was lost across relists; pods: {phases:?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     cluster.shutdown().await;

@@ -358,3 +358,27 @@ pub fn jobs_per_event<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> BTreeMap<S
     }
     owners
 }
+
+/// A child process that is killed when the test ends, also when it panics: a `spate`
+/// left running would keep loading the machine for every later test.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

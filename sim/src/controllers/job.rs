@@ -38,6 +38,7 @@ use kube::{Resource, ResourceExt};
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
+use super::relist;
 use super::retry::{has_code, jittered, retry};
 
 /// Label and annotation carrying an Indexed Job pod's index.
@@ -92,6 +93,9 @@ struct OwnedPods {
     by_owner: RwLock<HashMap<String, HashMap<String, Arc<Pod>>>>,
     /// Pods listed so far during a relist; swapped in when it completes.
     relisting: Mutex<HashMap<String, HashMap<String, Arc<Pod>>>>,
+    /// Jobs whose pods a relist listed, woken once the relisted pods are swapped in: woken
+    /// earlier, their reconcile would read the pods from before the watch broke.
+    relisted_jobs: Mutex<HashSet<ObjectRef<Job>>>,
     synced: AtomicBool,
 }
 
@@ -106,41 +110,45 @@ fn controlling_job(pod: &Pod) -> Option<(String, ObjectRef<Job>)> {
 }
 
 impl OwnedPods {
-    /// Records a watch event and returns the Job it concerns, to be reconciled.
-    fn apply(&self, event: Event<Pod>) -> Option<ObjectRef<Job>> {
+    /// Records a watch event and returns the Jobs it concerns, to be reconciled.
+    fn apply(&self, event: Event<Pod>) -> Vec<ObjectRef<Job>> {
         match event {
             Event::Init => {
                 self.relisting.lock().clear();
-                None
+                self.relisted_jobs.lock().clear();
+                Vec::new()
             }
             Event::InitApply(pod) => {
-                let (owner, job) = controlling_job(&pod)?;
-                let uid = pod.uid()?;
-                self.relisting
-                    .lock()
-                    .entry(owner)
-                    .or_default()
-                    .insert(uid, Arc::new(pod));
-                Some(job)
+                if let (Some((owner, job)), Some(uid)) = (controlling_job(&pod), pod.uid()) {
+                    self.relisting
+                        .lock()
+                        .entry(owner)
+                        .or_default()
+                        .insert(uid, Arc::new(pod));
+                    self.relisted_jobs.lock().insert(job);
+                }
+                Vec::new()
             }
             Event::InitDone => {
                 *self.by_owner.write() = std::mem::take(&mut *self.relisting.lock());
                 self.synced.store(true, Ordering::Release);
-                None
+                self.relisted_jobs.lock().drain().collect()
             }
             Event::Apply(pod) => {
-                let (owner, job) = controlling_job(&pod)?;
-                let uid = pod.uid()?;
+                let (Some((owner, job)), Some(uid)) = (controlling_job(&pod), pod.uid()) else {
+                    return Vec::new();
+                };
                 self.by_owner
                     .write()
                     .entry(owner)
                     .or_default()
                     .insert(uid, Arc::new(pod));
-                Some(job)
+                vec![job]
             }
             Event::Delete(pod) => {
-                let (owner, job) = controlling_job(&pod)?;
-                let uid = pod.uid()?;
+                let (Some((owner, job)), Some(uid)) = (controlling_job(&pod), pod.uid()) else {
+                    return Vec::new();
+                };
                 let mut by_owner = self.by_owner.write();
                 if let Some(pods) = by_owner.get_mut(&owner) {
                     pods.remove(&uid);
@@ -148,7 +156,7 @@ impl OwnedPods {
                         by_owner.remove(&owner);
                     }
                 }
-                Some(job)
+                vec![job]
             }
         }
     }
@@ -823,43 +831,35 @@ pub(crate) async fn run(client: kube::Client, concurrency: u16, shutdown: Cancel
         expected: Mutex::new(HashMap::new()),
     });
     let (jobs, job_writer) = reflector::store::<Job>();
-    let job_triggers = reflector::reflector(
-        job_writer,
-        watcher::watcher(Api::<Job>::all(client.clone()), watcher::Config::default())
-            .default_backoff(),
-    )
-    .filter_map({
-        let ctx = ctx.clone();
-        move |event| {
-            future::ready(match event {
-                Ok(Event::Apply(job) | Event::InitApply(job)) => Some(ObjectRef::from_obj(&job)),
-                Ok(Event::Delete(job)) => {
-                    // Expectations of a deleted Job will never be met by its pods.
-                    if let Some(uid) = job.uid() {
-                        ctx.expected.lock().remove(&uid);
-                    }
-                    None
+    let job_triggers = relist::triggers(
+        reflector::reflector(
+            job_writer,
+            watcher::watcher(Api::<Job>::all(client.clone()), watcher::Config::default())
+                .default_backoff(),
+        ),
+        "Job",
+        {
+            let ctx = ctx.clone();
+            move |job: &Job| {
+                // Expectations of a deleted Job will never be met by its pods.
+                if let Some(uid) = job.uid() {
+                    ctx.expected.lock().remove(&uid);
                 }
-                Ok(_) => None,
-                Err(error) => {
-                    tracing::warn!(%error, "Job watch failed");
-                    None
-                }
-            })
-        }
-    });
+            }
+        },
+    );
     let pod_ctx = ctx.clone();
     let pod_triggers = watcher::watcher(
         Api::<Pod>::all(client),
         watcher::Config::default().labels(CONTROLLER_UID),
     )
     .default_backoff()
-    .filter_map(move |event| {
-        future::ready(match event {
+    .flat_map(move |event| {
+        stream::iter(match event {
             Ok(event) => pod_ctx.pods.apply(event),
             Err(error) => {
                 tracing::warn!(%error, "Job pod watch failed");
-                None
+                Vec::new()
             }
         })
     });

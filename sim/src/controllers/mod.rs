@@ -9,6 +9,7 @@
 pub(crate) mod events;
 mod gc;
 pub mod job;
+mod relist;
 mod resources;
 pub(crate) mod retry;
 mod scheduler;

@@ -4,6 +4,7 @@
 //! that condition's transition time. Deletion uses background propagation, so the garbage
 //! collector then removes the Job's pods, and that is how a burst returns to zero.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +13,11 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Preconditions};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::{Action, Config as ControllerConfig};
+use kube::runtime::{WatchStreamExt, applier, reflector, watcher};
 use tokio_util::sync::CancellationToken;
 
+use super::relist;
 use super::retry::{has_code, jittered, retry};
 
 /// Why deleting an expired Job failed.
@@ -87,11 +89,28 @@ fn error_policy(_job: Arc<Job>, error: &TtlError, _client: Arc<kube::Client>) ->
 
 /// Runs the TTL-after-finished controller until `shutdown` is cancelled.
 pub(crate) async fn run(client: kube::Client, shutdown: CancellationToken) {
-    Controller::new(Api::<Job>::all(client.clone()), watcher::Config::default())
-        .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(reconcile, error_policy, Arc::new(client))
-        .for_each(|_| futures::future::ready(()))
-        .await;
+    let (jobs, writer) = reflector::store::<Job>();
+    let triggers = relist::triggers(
+        reflector::reflector(
+            writer,
+            watcher::watcher(Api::<Job>::all(client.clone()), watcher::Config::default())
+                .default_backoff(),
+        ),
+        "TTL-after-finished Job",
+        |_: &Job| {},
+    )
+    .map(Ok::<_, Infallible>);
+    applier(
+        |job, client| Box::pin(reconcile(job, client)),
+        error_policy,
+        Arc::new(client),
+        jobs,
+        triggers,
+        ControllerConfig::default(),
+    )
+    .take_until(shutdown.cancelled_owned())
+    .for_each(|_| futures::future::ready(()))
+    .await;
 }
 
 #[cfg(test)]
