@@ -45,6 +45,10 @@ struct Args {
     /// Run containers' commands as local processes instead of simulating them.
     #[arg(long)]
     exec: bool,
+    /// PATH of exec-mode containers (default: the simulator's own), e.g. where the worker
+    /// binaries a pipeline runs are installed.
+    #[arg(long, value_name = "DIRS", requires = "exec")]
+    exec_path: Option<std::ffi::OsString>,
     /// Milliseconds from binding to Running for simulated pods.
     #[arg(long, default_value_t = 100)]
     start_latency_ms: u64,
@@ -106,6 +110,7 @@ impl Args {
                 start_latency: Duration::from_millis(self.start_latency_ms),
                 run_time: Duration::from_millis(self.run_time_ms),
                 failure_rate: self.failure_rate,
+                exec_path: self.exec_path.clone(),
                 ..defaults.node.clone()
             },
             watch_history: self.watch_history,

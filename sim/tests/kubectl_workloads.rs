@@ -495,6 +495,49 @@ spec:
 }
 
 #[tokio::test]
+async fn exec_pods_find_their_command_on_the_nodes_exec_path() {
+    // A worker installed only in a folder of its own, as `spate dev` installs the thumbnailer:
+    // the node's exec path stands in for the image that carries it.
+    let bin = tempfile::tempdir().unwrap();
+    let worker = bin.path().join("hello-worker");
+    std::fs::write(&worker, "#!/bin/sh\necho worker says \"$1\"\n").unwrap();
+    std::fs::set_permissions(&worker, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let exec_path =
+        std::env::join_paths([bin.path(), "/usr/bin".as_ref(), "/bin".as_ref()]).unwrap();
+    let fx = Fixture::start(SimConfig {
+        exec: true,
+        node: NodeConfig {
+            exec_path: Some(exec_path),
+            ..fast_nodes()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let yaml = format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata:
+  name: on-path
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+{TOLERATE_VIRTUAL}
+      containers:
+      - name: work
+        image: example/hello-worker
+        command: ["hello-worker"]
+        args: ["hi"]
+"#
+    );
+    fx.apply("job.yaml", &yaml).await;
+    fx.wait_complete("on-path").await;
+    let pod = &fx.pods_of("on-path").await[0];
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    assert_eq!(fx.ok(&["logs", name]).await.stdout, "worker says hi\n");
+}
+
+#[tokio::test]
 async fn a_failing_exec_pod_fails_the_job_at_its_backoff_limit() {
     let fx = Fixture::start(SimConfig {
         exec: true,

@@ -488,9 +488,23 @@ async fn pump(reader: impl AsyncRead + Unpin, stream: &'static str, log: Arc<Con
 #[derive(Debug, Clone)]
 pub(crate) struct Launch {
     pub(crate) argv: Vec<String>,
+    /// `PATH` for the process; the simulator's own when `None`.
+    pub(crate) path: Option<std::ffi::OsString>,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) working_dir: Option<String>,
     pub(crate) hostname: String,
+}
+
+/// `program` as found on `path`, or as given when it has a slash or is not found (the spawn
+/// then fails the way a missing executable does in a container).
+fn resolve_program(program: &str, path: &std::ffi::OsStr) -> PathBuf {
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    std::env::split_paths(path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(program))
 }
 
 /// Runs the process to completion (or until `cancel`), returning its exit code.
@@ -503,14 +517,23 @@ pub(crate) async fn run(
     let Some((program, args)) = launch.argv.split_first() else {
         return 128;
     };
-    let mut command = tokio::process::Command::new(program);
+    let path = launch
+        .env
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "PATH")
+        .map(|(_, value)| value.into())
+        .or_else(|| launch.path.clone())
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    // Resolved against the container's PATH, not the simulator's: `Command` would search the
+    // parent's PATH for a bare program name.
+    let program = resolve_program(program, &path);
+    let mut command = tokio::process::Command::new(&program);
     command
         .args(args)
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-        )
+        .env("PATH", &path)
         .env("HOME", &sandbox.dir)
         .env("HOSTNAME", &launch.hostname)
         .env(VOLUME_ROOT_VAR, sandbox.rootfs())

@@ -35,6 +35,9 @@ pub struct NodeConfig {
     pub virtual_kubelet: bool,
     /// Run each container's command as a local process instead of simulating it.
     pub exec: bool,
+    /// `PATH` of exec-mode containers, standing in for the images a node has pulled;
+    /// `None` gives them the simulator's own `PATH`.
+    pub exec_path: Option<std::ffi::OsString>,
     /// Time from binding to `Running` for a simulated pod (`sim.spate.dev/start-seconds`).
     pub start_latency: Duration,
     /// Time a simulated container runs (`sim.spate.dev/run-seconds`).
@@ -57,6 +60,7 @@ impl Default for NodeConfig {
             name: "spate-virtual-0".to_owned(),
             virtual_kubelet: true,
             exec: false,
+            exec_path: None,
             start_latency: Duration::from_millis(100),
             run_time: Duration::from_millis(500),
             failure_rate: 0.0,

@@ -425,6 +425,7 @@ impl PodAgent {
             .unwrap_or_else(|| pod.name_any());
         Ok(Some(Launch {
             argv,
+            path: self.config.exec_path.clone(),
             env,
             working_dir: container.working_dir.clone(),
             hostname,
