@@ -12,9 +12,9 @@ use std::sync::LazyLock;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, PodSpec, PreferredSchedulingTerm, Toleration,
-    Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, NodeAffinity,
+    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec,
+    PreferredSchedulingTerm, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use minijinja::{Environment, UndefinedBehavior};
@@ -112,6 +112,7 @@ pub fn render_job(
     add_spate_labels(pod_meta, &pipeline_name, &batch);
     let pod = spec.template.spec.get_or_insert_with(Default::default);
     apply_placement(pod, pipeline);
+    restrict(pod);
     pass_input(pod, &input, &name, &pipeline_name, events);
 
     let mut metadata = template.metadata.take().unwrap_or_default();
@@ -484,6 +485,42 @@ fn apply_placement(pod: &mut PodSpec, pipeline: &Pipeline) {
     }
 }
 
+/// Pods run under the `restricted` Pod Security Standard unless the template says otherwise:
+/// when the pod template sets no `securityContext`, the pod gets `runAsNonRoot` and the
+/// runtime's default seccomp profile, and each container without its own `securityContext`
+/// loses privilege escalation and every capability. The root file system stays writable:
+/// workers write temporary files. A template that sets the pod's `securityContext` keeps
+/// exactly what it wrote, containers included.
+fn restrict(pod: &mut PodSpec) {
+    if pod.security_context.is_some() {
+        return;
+    }
+    pod.security_context = Some(PodSecurityContext {
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    });
+    let containers = pod
+        .containers
+        .iter_mut()
+        .chain(pod.init_containers.iter_mut().flatten());
+    for container in containers {
+        container
+            .security_context
+            .get_or_insert_with(|| SecurityContext {
+                allow_privilege_escalation: Some(false),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".to_string()]),
+                    add: None,
+                }),
+                ..Default::default()
+            });
+    }
+}
+
 fn node_affinity(pod: &mut PodSpec) -> &mut NodeAffinity {
     pod.affinity
         .get_or_insert_with(Affinity::default)
@@ -649,6 +686,63 @@ mod tests {
             render_text("{{ event.key }}", &context).unwrap(),
             "{{ pipeline.name }}; rm -rf /"
         );
+    }
+
+    fn render_webhook(pod_spec: &str) -> PodSpec {
+        let yaml = format!(
+            "apiVersion: spate.dev/v1alpha1\nkind: Pipeline\nmetadata:\n  name: hooks\nspec:\n  source:\n    webhook:\n      path: /hooks/x\n      auth: {{none: {{}}}}\n  jobTemplate:\n    spec:\n      template:\n        spec:\n{pod_spec}"
+        );
+        let loaded = crate::pipeline::load_str(&yaml, "p.yaml")
+            .unwrap_or_else(|e| panic!("{e:#?}"))
+            .remove(0);
+        let event = Event::from_json(json!({"id": "e1", "data": {}})).unwrap();
+        let rendered =
+            render_job(&loaded.pipeline, &loaded.template, &loaded.values, &[event]).unwrap();
+        rendered.job.spec.unwrap().template.spec.unwrap()
+    }
+
+    #[test]
+    fn pods_are_restricted_when_the_template_says_nothing() {
+        let pod = render_webhook(
+            "          initContainers: [{name: fetch, image: busybox}]\n          containers:\n            - {name: work, image: busybox}\n            - name: own\n              image: busybox\n              securityContext: {runAsUser: 1000}\n",
+        );
+        let security = pod.security_context.unwrap();
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(
+            security.seccomp_profile.map(|p| p.type_).as_deref(),
+            Some("RuntimeDefault")
+        );
+        assert_eq!(security.run_as_user, None);
+        let restricted = |container: &Container| {
+            let context = container.security_context.clone().unwrap();
+            assert_eq!(context.allow_privilege_escalation, Some(false));
+            assert_eq!(
+                context.capabilities.and_then(|c| c.drop),
+                Some(vec!["ALL".to_string()])
+            );
+            // Workers write temporary files.
+            assert_eq!(context.read_only_root_filesystem, None);
+        };
+        restricted(&pod.containers[0]);
+        restricted(&pod.init_containers.as_ref().unwrap()[0]);
+        // A container's own securityContext is kept as written.
+        let own = pod.containers[1].security_context.clone().unwrap();
+        assert_eq!(own.run_as_user, Some(1000));
+        assert_eq!(own.allow_privilege_escalation, None);
+        assert_eq!(own.capabilities, None);
+    }
+
+    #[test]
+    fn a_template_with_its_own_pod_security_context_keeps_it() {
+        let pod = render_webhook(
+            "          securityContext: {runAsUser: 0, fsGroup: 2000}\n          containers:\n            - {name: work, image: busybox}\n",
+        );
+        let security = pod.security_context.unwrap();
+        assert_eq!(security.run_as_user, Some(0));
+        assert_eq!(security.fs_group, Some(2000));
+        assert_eq!(security.run_as_non_root, None);
+        assert_eq!(security.seccomp_profile, None);
+        assert_eq!(pod.containers[0].security_context, None);
     }
 
     #[test]

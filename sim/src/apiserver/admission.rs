@@ -134,6 +134,8 @@ fn known_top_level(kind: &str) -> &'static [&'static str] {
             "imagePullSecrets",
             "automountServiceAccountToken",
         ],
+        "Role" | "ClusterRole" => &["rules", "aggregationRule"],
+        "RoleBinding" | "ClusterRoleBinding" => &["subjects", "roleRef"],
         "Event" => &[
             "involvedObject",
             "reason",

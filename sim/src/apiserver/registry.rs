@@ -242,6 +242,89 @@ const BUILTINS: &[Builtin] = &[
         extra: &[],
         generation: true,
     },
+    // Kinds a Helm chart installs (the Spate chart among them): stored and served like the
+    // others, with no controller acting on them (a Deployment never gets pods, as on a
+    // cluster whose controller manager is down).
+    Builtin {
+        group: "",
+        plural: "services",
+        kind: "Service",
+        namespaced: true,
+        short: &["svc"],
+        status: true,
+        extra: &[],
+        generation: false,
+    },
+    Builtin {
+        group: "apps",
+        plural: "deployments",
+        kind: "Deployment",
+        namespaced: true,
+        short: &["deploy"],
+        status: true,
+        extra: &[],
+        generation: true,
+    },
+    Builtin {
+        group: "policy",
+        plural: "poddisruptionbudgets",
+        kind: "PodDisruptionBudget",
+        namespaced: true,
+        short: &["pdb"],
+        status: true,
+        extra: &[],
+        generation: true,
+    },
+    Builtin {
+        group: "networking.k8s.io",
+        plural: "networkpolicies",
+        kind: "NetworkPolicy",
+        namespaced: true,
+        short: &["netpol"],
+        status: false,
+        extra: &[],
+        generation: true,
+    },
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        plural: "roles",
+        kind: "Role",
+        namespaced: true,
+        short: &[],
+        status: false,
+        extra: &[],
+        generation: false,
+    },
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        plural: "rolebindings",
+        kind: "RoleBinding",
+        namespaced: true,
+        short: &[],
+        status: false,
+        extra: &[],
+        generation: false,
+    },
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        plural: "clusterroles",
+        kind: "ClusterRole",
+        namespaced: false,
+        short: &[],
+        status: false,
+        extra: &[],
+        generation: false,
+    },
+    Builtin {
+        group: "rbac.authorization.k8s.io",
+        plural: "clusterrolebindings",
+        kind: "ClusterRoleBinding",
+        namespaced: false,
+        short: &[],
+        status: false,
+        extra: &[],
+        generation: false,
+    },
     Builtin {
         group: "apiextensions.k8s.io",
         plural: "customresourcedefinitions",
@@ -256,7 +339,7 @@ const BUILTINS: &[Builtin] = &[
 
 fn builtin_info(b: &Builtin) -> ResourceInfo {
     let categories = match b.plural {
-        "pods" | "jobs" => vec!["all".to_owned()],
+        "pods" | "jobs" | "services" | "deployments" => vec!["all".to_owned()],
         _ => Vec::new(),
     };
     ResourceInfo {
@@ -498,5 +581,42 @@ mod tests {
         assert!(registry.lookup("example.com", "v1", "widgets").is_none());
         registry.remove("", "pods");
         assert!(registry.lookup("", "v1", "pods").is_some());
+    }
+
+    #[test]
+    fn the_kinds_a_helm_chart_installs_are_served() {
+        let registry = Registry::with_builtins();
+        for (group, plural, namespaced) in [
+            ("", "services", true),
+            ("apps", "deployments", true),
+            ("policy", "poddisruptionbudgets", true),
+            ("networking.k8s.io", "networkpolicies", true),
+            ("rbac.authorization.k8s.io", "roles", true),
+            ("rbac.authorization.k8s.io", "rolebindings", true),
+            ("rbac.authorization.k8s.io", "clusterroles", false),
+            ("rbac.authorization.k8s.io", "clusterrolebindings", false),
+        ] {
+            let info = registry
+                .lookup(group, "v1", plural)
+                .unwrap_or_else(|| panic!("{plural}.{group} is not served"));
+            assert!(info.builtin, "{plural}");
+            assert_eq!(info.namespaced, namespaced, "{plural}");
+        }
+        let groups: Vec<String> = registry
+            .groups()
+            .iter()
+            .map(|g| g["name"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        for group in [
+            "apps",
+            "policy",
+            "networking.k8s.io",
+            "rbac.authorization.k8s.io",
+        ] {
+            assert!(groups.iter().any(|g| g == group), "{group} in {groups:?}");
+        }
+        let deployments = registry.resource_list("apps", "v1");
+        assert_eq!(deployments["resources"][0]["shortNames"][0], "deploy");
+        assert_eq!(deployments["resources"][1]["name"], "deployments/status");
     }
 }
