@@ -8,13 +8,21 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+mod apply;
 mod completions;
 mod crd;
+mod describe;
 mod dev;
+mod get;
+mod logs;
 mod pause;
 mod render;
+mod retry;
 mod run;
+mod table;
+mod trigger;
 mod validate;
+pub mod watch;
 
 /// Spate turns events into Kubernetes Jobs that burst onto a virtual-kubelet node.
 ///
@@ -55,10 +63,17 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     Render(render::RenderArgs),
     Run(run::RunArgs),
+    Apply(apply::ApplyArgs),
+    Get(get::GetArgs),
+    Describe(describe::DescribeArgs),
+    Trigger(trigger::TriggerArgs),
+    Logs(logs::LogsArgs),
+    Retry(retry::RetryArgs),
     Pause(pause::PauseArgs),
     Resume(pause::ResumeArgs),
     Crd(crd::CrdArgs),
     Completions(completions::CompletionsArgs),
+    Watch(watch::WatchArgs),
 }
 
 impl ClusterArgs {
@@ -87,6 +102,8 @@ pub enum OutputFormat {
     #[default]
     Yaml,
     Json,
+    /// A table with more columns (`spate get`).
+    Wide,
 }
 
 impl OutputFormat {
@@ -104,6 +121,9 @@ impl OutputFormat {
                 OutputFormat::Json => {
                     writeln!(out, "{}", serde_json::to_string_pretty(resource)?)?;
                 }
+                OutputFormat::Wide => {
+                    anyhow::bail!("-o wide is for tables (spate get); use -o yaml or -o json")
+                }
             }
         }
         Ok(())
@@ -116,9 +136,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate(args) => validate::run(args),
         Command::Render(args) => render::run(args, &cli.cluster),
         Command::Run(args) => run::run(args, &cli.cluster),
+        Command::Apply(args) => apply::run(args, &cli.cluster),
+        Command::Get(args) => get::run(args, &cli.cluster),
+        Command::Describe(args) => describe::run(args, &cli.cluster),
+        Command::Trigger(args) => trigger::run(args, &cli.cluster),
+        Command::Logs(args) => logs::run(args, &cli.cluster),
+        Command::Retry(args) => retry::run(args, &cli.cluster),
         Command::Pause(args) => pause::pause(args, &cli.cluster),
         Command::Resume(args) => pause::resume(args, &cli.cluster),
         Command::Crd(args) => crd::run(args),
         Command::Completions(args) => completions::run(args),
+        Command::Watch(args) => watch::run(args, &cli.cluster),
     }
 }
