@@ -146,6 +146,7 @@ async fn run_async(args: DevArgs) -> anyhow::Result<ExitCode> {
         "  kubectl --kubeconfig {} get pipelines,jobs,pods",
         kubeconfig.display()
     );
+    println!("  logs in {}", args.dir.join("spate.log").display());
     println!("  q or Ctrl-C to stop");
 
     let signals = stop.clone();
@@ -157,7 +158,10 @@ async fn run_async(args: DevArgs) -> anyhow::Result<ExitCode> {
         client,
         NAMESPACE,
         &name,
-        WatchOptions::for_output(args.output),
+        WatchOptions {
+            hint: Some(format!("· drop images into {}", inbox.display())),
+            ..WatchOptions::for_output(args.output)
+        },
         stop.clone(),
     )
     .await;

@@ -39,8 +39,60 @@ pub mod watch;
 pub struct Cli {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub logging: LoggingArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How Spate logs. Levels come from `RUST_LOG` (e.g. `RUST_LOG=spate=debug`).
+#[derive(Debug, Clone, Args)]
+pub struct LoggingArgs {
+    /// Log lines as text or as one JSON object per line (for log collectors).
+    #[arg(long, global = true, env = "SPATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Without `RUST_LOG`: Spate's own progress, everyone's warnings, and not the Kubernetes
+/// client's connection errors, which Spate reports itself with the server's address.
+const DEFAULT_LOG_FILTER: &str =
+    "warn,spate=info,spate_sources=info,spate_sinks=info,kube_client=off";
+
+impl Cli {
+    /// Installs the log subscriber: stderr, except for `spate dev`, whose screen is the
+    /// terminal UI, so its controller logs to DIR/spate.log.
+    pub fn init_logging(&self) -> anyhow::Result<()> {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+        let writer = match &self.command {
+            Command::Dev(args) => {
+                std::fs::create_dir_all(&args.dir)
+                    .with_context(|| format!("cannot create {}", args.dir.display()))?;
+                let path = args.dir.join("spate.log");
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
+            }
+            _ => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+        };
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer);
+        match self.logging.log_format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().with_current_span(true).init(),
+        }
+        Ok(())
+    }
 }
 
 /// Where the Kubernetes API is, as kubectl reads it.

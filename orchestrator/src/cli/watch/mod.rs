@@ -115,6 +115,8 @@ pub struct WatchOptions {
     /// Return once the pipeline is idle (see [`WatchArgs::until_idle`]).
     pub until_idle: bool,
     pub idle_for: Duration,
+    /// A line for the terminal UI's footer, e.g. where `spate dev` wants files dropped.
+    pub hint: Option<String>,
 }
 
 impl WatchOptions {
@@ -135,6 +137,7 @@ impl Default for WatchOptions {
             interval: Duration::from_millis(500),
             until_idle: false,
             idle_for: Duration::from_secs(3),
+            hint: None,
         }
     }
 }
@@ -172,6 +175,7 @@ pub fn run(args: WatchArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
             interval: args.interval,
             until_idle: args.until_idle,
             idle_for: args.idle_for,
+            hint: None,
         };
         let end = watch(client, &namespace, &args.pipeline, options, shutdown).await?;
         Ok(match end {

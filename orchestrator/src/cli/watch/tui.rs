@@ -162,16 +162,19 @@ struct App {
     /// The selected pod in the Job view, by index.
     pod: usize,
     log: Option<LogTail>,
+    /// Shown in the footer while nothing else is: see [`WatchOptions::hint`].
+    hint: Option<String>,
 }
 
 impl App {
-    fn new(pods: Api<Pod>) -> App {
+    fn new(pods: Api<Pod>, hint: Option<String>) -> App {
         App {
             pods,
             view: View::Overview,
             job: None,
             pod: 0,
             log: None,
+            hint,
         }
     }
 
@@ -288,6 +291,9 @@ impl App {
         if let Some(note) = model.last_note() {
             spans.push(Span::raw(" "));
             spans.push(Span::styled(note.to_string(), Style::new().yellow()));
+        } else if let Some(hint) = &self.hint {
+            spans.push(Span::raw(" "));
+            spans.push(Span::raw(hint.clone()));
         }
         frame.render_widget(Paragraph::new(Line::from(spans)), footer);
     }
@@ -695,7 +701,7 @@ pub(super) async fn run(
     }
     let _reader = StopReading(reading);
 
-    let mut app = App::new(Api::namespaced(client, namespace));
+    let mut app = App::new(Api::namespaced(client, namespace), options.hint.clone());
     let mut ticker = tokio::time::interval(FRAME);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut idle_since: Option<Instant> = None;
@@ -791,7 +797,7 @@ mod tests {
         // A client that is never called: the log tail only starts in the Job view.
         let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
-        let mut app = App::new(Api::namespaced(client, "default"));
+        let mut app = App::new(Api::namespaced(client, "default"), None);
         let text = screen(&app, &model, now);
         assert!(text.contains("spate watch thumbs"), "{text}");
         assert!(text.contains("running 1"), "{text}");
