@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod kubernetes_event;
 pub mod nats;
 pub mod object_store;
+pub mod redis_streams;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub enum SinkConfig {
     Webhook(webhook::WebhookSink),
     /// A Kubernetes Event on the Pipeline.
     KubernetesEvent(kubernetes_event::KubernetesEventSink),
+    /// Append each record to a Redis stream (`XADD`).
+    RedisStreams(redis_streams::RedisStreamsSink),
 }
 
 impl SinkConfig {
@@ -44,6 +47,7 @@ impl SinkConfig {
             SinkConfig::ObjectStore(_) => "objectStore",
             SinkConfig::Webhook(_) => "webhook",
             SinkConfig::KubernetesEvent(_) => "kubernetesEvent",
+            SinkConfig::RedisStreams(_) => "redisStreams",
         }
     }
 
@@ -56,6 +60,7 @@ impl SinkConfig {
             SinkConfig::ObjectStore(config) => config.validate(&path, problems),
             SinkConfig::Webhook(config) => config.validate(&path, problems),
             SinkConfig::KubernetesEvent(_) => {}
+            SinkConfig::RedisStreams(config) => config.validate(&path, problems),
         }
     }
 
@@ -67,6 +72,7 @@ impl SinkConfig {
             SinkConfig::ObjectStore(config) => object_store::build(config, cx),
             SinkConfig::Webhook(config) => webhook::build(config, cx),
             SinkConfig::KubernetesEvent(config) => kubernetes_event::build(config, cx),
+            SinkConfig::RedisStreams(config) => redis_streams::build(config, cx),
         }
     }
 }

@@ -14,9 +14,11 @@ pub mod check;
 pub mod checkpoint;
 pub mod cron;
 mod event;
+pub mod mqtt;
 pub mod nats;
 pub mod object_store;
 pub mod payload;
+pub mod redis_streams;
 pub mod secret;
 mod source;
 pub mod webhook;
@@ -43,10 +45,14 @@ pub enum SourceConfig {
     Amqp(amqp::AmqpSource),
     /// Messages on a NATS subject, optionally through a JetStream durable consumer.
     Nats(nats::NatsSource),
+    /// Messages on an MQTT topic filter, through a persistent session (QoS 1: at-least-once).
+    Mqtt(mqtt::MqttSource),
     /// Ticks of a cron schedule.
     Cron(cron::CronSource),
     /// HTTP requests to a path on Spate's webhook server.
     Webhook(webhook::WebhookSource),
+    /// Entries of a Redis stream, read through a consumer group (at-least-once).
+    RedisStreams(redis_streams::RedisStreamsSource),
 }
 
 impl SourceConfig {
@@ -56,8 +62,10 @@ impl SourceConfig {
             SourceConfig::ObjectStore(_) => "objectStore",
             SourceConfig::Amqp(_) => "amqp",
             SourceConfig::Nats(_) => "nats",
+            SourceConfig::Mqtt(_) => "mqtt",
             SourceConfig::Cron(_) => "cron",
             SourceConfig::Webhook(_) => "webhook",
+            SourceConfig::RedisStreams(_) => "redisStreams",
         }
     }
 
@@ -68,8 +76,10 @@ impl SourceConfig {
             SourceConfig::ObjectStore(config) => config.validate(&path, problems),
             SourceConfig::Amqp(config) => config.validate(&path, problems),
             SourceConfig::Nats(config) => config.validate(&path, problems),
+            SourceConfig::Mqtt(config) => config.validate(&path, problems),
             SourceConfig::Cron(config) => config.validate(&path, problems),
             SourceConfig::Webhook(config) => config.validate(&path, problems),
+            SourceConfig::RedisStreams(config) => config.validate(&path, problems),
         }
     }
 
@@ -79,8 +89,10 @@ impl SourceConfig {
             SourceConfig::ObjectStore(config) => config.sample_event(),
             SourceConfig::Amqp(config) => config.sample_event(),
             SourceConfig::Nats(config) => config.sample_event(),
+            SourceConfig::Mqtt(config) => config.sample_event(),
             SourceConfig::Cron(config) => config.sample_event(),
             SourceConfig::Webhook(config) => config.sample_event(),
+            SourceConfig::RedisStreams(config) => config.sample_event(),
         }
     }
 
@@ -93,8 +105,10 @@ impl SourceConfig {
             SourceConfig::ObjectStore(config) => object_store::build(config, cx),
             SourceConfig::Amqp(config) => amqp::build(config, cx),
             SourceConfig::Nats(config) => nats::build(config, cx),
+            SourceConfig::Mqtt(config) => mqtt::build(config, cx),
             SourceConfig::Cron(config) => cron::build(config, cx),
             SourceConfig::Webhook(config) => webhook::build(config, cx),
+            SourceConfig::RedisStreams(config) => redis_streams::build(config, cx),
         }
     }
 }

@@ -1,0 +1,245 @@
+//! The engine end to end with a Redis stream on 127.0.0.1:6379 (started with
+//! `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no`):
+//! 1,000 entries become exactly 1,000 Jobs, also when `spate run -f` is killed with SIGKILL
+//! mid-burst and restarted, and nothing is left pending in the consumer group.
+//!
+//! Redis is driven with `redis-cli` (installed with redis-server), each test on a stream of
+//! its own that it deletes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{KillOnDrop, Observer, job_template, start_engine};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, ListParams};
+use spate_sim::{SimCluster, SimConfig};
+
+const URL: &str = "redis://127.0.0.1:6379";
+
+/// Runs `redis-cli` with one command per line on stdin; its output lines.
+fn redis_cli(commands: &[String]) -> Vec<String> {
+    let mut child = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("redis-cli installed (with redis-server)");
+    let mut stdin = child.stdin.take().unwrap();
+    for command in commands {
+        writeln!(stdin, "{command}").unwrap();
+    }
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "redis-cli failed");
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Adds `count` entries `n=<i>` to a fresh `stream`; the event ids they become.
+fn add_entries(stream: &str, count: usize) -> HashSet<String> {
+    redis_cli(&[format!("DEL {stream}")]);
+    let commands: Vec<String> = (0..count)
+        .map(|n| format!("XADD {stream} * n {n}"))
+        .collect();
+    let ids: HashSet<String> = redis_cli(&commands)
+        .into_iter()
+        .map(|id| format!("{stream}:{id}"))
+        .collect();
+    assert_eq!(ids.len(), count);
+    ids
+}
+
+/// Entries delivered to some consumer of `group` and not acknowledged.
+fn pending(stream: &str, group: &str) -> u64 {
+    let lines = redis_cli(&[format!("XPENDING {stream} {group}")]);
+    lines
+        .first()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("XPENDING answered {lines:?}"))
+}
+
+async fn wait_nothing_pending(stream: &str, group: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = pending(stream, group);
+        if left == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} entries still pending"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_entries_become_exactly_a_thousand_jobs() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    let client = cluster.client();
+    let stream = format!("spate-engine-redis-{}", std::process::id());
+    let expected = add_entries(&stream, 1000);
+    let name = "redis-burst";
+    let observer = Observer::start(&client, name);
+    let state = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  source:
+    redisStreams:
+      url: {URL}
+      stream: {stream}
+      group: spate
+      batch: 100
+  fanout:
+    mode: perEvent
+    maxParallelism: 200
+    maxJobsPerSecond: 1000
+    burst: 200
+  ttlSecondsAfterFinished: 1
+{template}"#,
+        template = job_template(0.1),
+    );
+    let engine = start_engine(&client, &yaml, state.path()).await;
+    observer
+        .expect_one_complete_job_per_event(&expected, Duration::from_secs(180))
+        .await;
+    wait_nothing_pending(&stream, "spate").await;
+    engine.shutdown().await;
+    observer.finish();
+    redis_cli(&[format!("DEL {stream}")]);
+    cluster.shutdown().await;
+}
+
+fn spawn_spate(
+    pipeline: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    state: &std::path::Path,
+) -> KillOnDrop {
+    Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["run", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("-f")
+        .arg(pipeline)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap()
+}
+
+async fn jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<String, usize> {
+    let mut attempts = 0;
+    loop {
+        match jobs.list(&ListParams::default().labels(selector)).await {
+            Ok(list) => return common::jobs_per_event(&list.items),
+            Err(error) => {
+                attempts += 1;
+                assert!(attempts < 50, "listing Jobs keeps failing: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_burst_then_restart_gives_one_job_per_entry_and_nothing_pending() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let events = 1000;
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    cluster.write_kubeconfig(&kubeconfig).unwrap();
+    let stream = format!("spate-crash-redis-{}", std::process::id());
+    let expected = add_entries(&stream, events);
+    let name = "crash-redis";
+    let pipeline = dir.path().join("pipeline.yaml");
+    // The default consumer name (<hostname>-<pid>) changes with the restart: what the killed
+    // process held is reclaimed from its dead consumer after claimIdle.
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: {name}
+spec:
+  source:
+    redisStreams: {{url: "{URL}", stream: {stream}, group: spate, claimIdle: 2s}}
+  fanout: {{mode: perEvent, maxParallelism: 1000, maxJobsPerSecond: 2000, burst: 500}}
+  retry: {{maxAttempts: 20, initialBackoff: 50ms, maxBackoff: 1s}}
+  ttlSecondsAfterFinished: 600
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers: [{{name: work, image: busybox}}]
+"#
+        ),
+    )
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
+    let selector = format!("spate.dev/pipeline={name}");
+
+    let mut first = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let covered = jobs_per_event(&jobs, &selector).await.len();
+        if covered >= events / 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress before the kill: {covered}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        jobs_per_event(&jobs, &selector).await.len() < events,
+        "the burst finished before the kill; the test proves nothing"
+    );
+
+    let mut second = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let owners = loop {
+        let owners = jobs_per_event(&jobs, &selector).await;
+        if owners.len() == events && pending(&stream, "spate") == 0 {
+            break owners;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after the restart {} of {events} entries have a Job, {} pending",
+            owners.len(),
+            pending(&stream, "spate")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    second.kill().unwrap();
+    second.wait().unwrap();
+
+    assert!(
+        owners.values().all(|count| *count == 1),
+        "an entry has two Jobs"
+    );
+    assert_eq!(owners.keys().cloned().collect::<HashSet<_>>(), expected);
+    assert_eq!(pending(&stream, "spate"), 0);
+    redis_cli(&[format!("DEL {stream}")]);
+    cluster.shutdown().await;
+}
