@@ -628,14 +628,25 @@ pub fn shell_script_placeholders(template: &Value) -> Vec<String> {
                         })
                 })
                 .collect();
-            let Some((_, program)) = words.first() else {
+            // The shell may come after a wrapper (`env sh -c`, `nice -n 5 bash -c`), and `-c`
+            // may be combined with other flags (`sh -ec`, `bash -euxc`).
+            let Some(shell) = words
+                .iter()
+                .position(|(_, word)| SHELLS.contains(&word.rsplit('/').next().unwrap_or(word)))
+            else {
                 continue;
             };
-            let program = program.rsplit('/').next().unwrap_or(program);
-            if !SHELLS.contains(&program) {
-                continue;
-            }
-            let Some(dash_c) = words.iter().position(|(_, w)| *w == "-c") else {
+            let Some(dash_c) = words[shell + 1..]
+                .iter()
+                .position(|(_, w)| {
+                    w.len() > 1
+                        && w.starts_with('-')
+                        && !w.starts_with("--")
+                        && w[1..].chars().all(|c| c.is_ascii_alphabetic())
+                        && w.contains('c')
+                })
+                .map(|at| at + shell + 1)
+            else {
                 continue;
             };
             for (path, word) in &words[dash_c + 1..] {

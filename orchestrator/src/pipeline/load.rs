@@ -256,6 +256,10 @@ fn check_header(value: &Value) -> Problems {
                  `-`, starting and ending with a letter or digit"
             ),
         )),
+        Some(other) if !other.is_null() => problems.push((
+            "metadata.name".to_string(),
+            format!("must be a string (a DNS-1123 label), got {other}; quote it"),
+        )),
         _ => problems.push((
             "metadata.name".to_string(),
             "missing required field `name`".to_string(),

@@ -119,6 +119,9 @@ enum Frame {
         map: Map<String, Value>,
         path: String,
         anchor: usize,
+        /// `Builder::nodes` once this collection was opened: its size, aliases expanded, is
+        /// what was counted since.
+        first_node: usize,
         /// The key read and waiting for its value.
         pending_key: Option<String>,
     },
@@ -126,16 +129,27 @@ enum Frame {
         items: Vec<Value>,
         path: String,
         anchor: usize,
+        first_node: usize,
     },
 }
+
+/// The most nodes aliases may add to one document. Each alias is a copy of its anchor, so
+/// nine anchors of nine aliases each (a "billion laughs" file of a few hundred bytes) would
+/// otherwise expand to hundreds of millions of values and exhaust memory.
+pub const MAX_ALIAS_EXPANSION: usize = 100_000;
 
 #[derive(Default)]
 struct Builder {
     documents: Vec<LocatedDocument>,
     stack: Vec<Frame>,
     locations: Locations,
-    anchors: HashMap<usize, Value>,
+    /// Anchored values with their size in nodes.
+    anchors: HashMap<usize, (Value, usize)>,
     root: Option<Value>,
+    /// Nodes read in the current document, aliases expanded.
+    nodes: usize,
+    /// Nodes added by aliases in the current document.
+    expanded: usize,
 }
 
 impl Builder {
@@ -149,6 +163,8 @@ impl Builder {
                 };
                 self.anchors.clear();
                 self.root = None;
+                self.nodes = 0;
+                self.expanded = 0;
             }
             Event::DocumentEnd => {
                 if let Some(value) = self.root.take().filter(|value| !value.is_null()) {
@@ -164,46 +180,79 @@ impl Builder {
                 if self.take_key_if_expected(&text, start) {
                     return Ok(());
                 }
-                self.complete(value, anchor, start)?;
+                self.nodes += 1;
+                self.complete(value, anchor, 1, start)?;
             }
             Event::Alias(id) => {
-                let value = self.anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
-                    message: "alias refers to an unknown anchor".to_string(),
-                    location: start,
-                })?;
+                let size = self
+                    .anchors
+                    .get(&id)
+                    .map(|(_, size)| *size)
+                    .ok_or_else(|| SyntaxError {
+                        message: "alias refers to an unknown anchor".to_string(),
+                        location: start,
+                    })?;
+                self.expanded = self.expanded.saturating_add(size);
+                if self.expanded > MAX_ALIAS_EXPANSION {
+                    return Err(SyntaxError {
+                        message: format!(
+                            "aliases expand to more than {MAX_ALIAS_EXPANSION} values (a YAML \
+                             bomb?); write the values out instead of nesting aliases"
+                        ),
+                        location: start,
+                    });
+                }
+                let value = self.anchors.get(&id).map(|(value, _)| value.clone());
+                let value = value.unwrap_or_default();
                 if let Some(key) = value.as_str().map(str::to_string)
                     && self.take_key_if_expected(&key, start)
                 {
                     return Ok(());
                 }
-                self.complete(value, 0, start)?;
+                self.nodes = self.nodes.saturating_add(size);
+                self.complete(value, 0, size, start)?;
             }
             Event::MappingStart(_, anchor, _) => {
                 let path = self.child_path(start)?;
                 self.locations.values.insert(path.clone(), start);
+                self.nodes += 1;
                 self.stack.push(Frame::Mapping {
                     map: Map::new(),
                     path,
                     anchor,
+                    first_node: self.nodes,
                     pending_key: None,
                 });
             }
             Event::SequenceStart(_, anchor, _) => {
                 let path = self.child_path(start)?;
                 self.locations.values.insert(path.clone(), start);
+                self.nodes += 1;
                 self.stack.push(Frame::Sequence {
                     items: Vec::new(),
                     path,
                     anchor,
+                    first_node: self.nodes,
                 });
             }
             Event::MappingEnd | Event::SequenceEnd => {
-                let (value, anchor) = match self.stack.pop() {
-                    Some(Frame::Mapping { map, anchor, .. }) => (Value::Object(map), anchor),
-                    Some(Frame::Sequence { items, anchor, .. }) => (Value::Array(items), anchor),
+                let (value, anchor, first_node) = match self.stack.pop() {
+                    Some(Frame::Mapping {
+                        map,
+                        anchor,
+                        first_node,
+                        ..
+                    }) => (Value::Object(map), anchor, first_node),
+                    Some(Frame::Sequence {
+                        items,
+                        anchor,
+                        first_node,
+                        ..
+                    }) => (Value::Array(items), anchor, first_node),
                     None => return Ok(()),
                 };
-                self.attach(value, anchor, start)?;
+                let size = self.nodes - first_node + 1;
+                self.attach(value, anchor, size, start)?;
             }
             _ => {}
         }
@@ -249,16 +298,23 @@ impl Builder {
         &mut self,
         value: Value,
         anchor: usize,
+        size: usize,
         start: Location,
     ) -> Result<(), SyntaxError> {
         let path = self.child_path(start)?;
         self.locations.values.insert(path, start);
-        self.attach(value, anchor, start)
+        self.attach(value, anchor, size, start)
     }
 
-    fn attach(&mut self, value: Value, anchor: usize, start: Location) -> Result<(), SyntaxError> {
+    fn attach(
+        &mut self,
+        value: Value,
+        anchor: usize,
+        size: usize,
+        start: Location,
+    ) -> Result<(), SyntaxError> {
         if anchor != 0 {
-            self.anchors.insert(anchor, value.clone());
+            self.anchors.insert(anchor, (value.clone(), size));
         }
         match self.stack.last_mut() {
             None => self.root = Some(value),
