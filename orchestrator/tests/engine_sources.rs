@@ -220,6 +220,7 @@ spec:
     cluster.shutdown().await;
 }
 
+/// Also: a pipeline whose source fails for good stops alone, not the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn webhook_calls_become_jobs_through_spate_run() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -241,6 +242,16 @@ spec:
       path: /hooks/checks
       auth: {{bearer: {{token: {{env: SPATE_TEST_WEBHOOK_TOKEN}}}}}}
   fanout: {{maxParallelism: 50, maxJobsPerSecond: 1000, burst: 100}}
+{template}
+---
+# Refused by RabbitMQ for good: this pipeline stops, the webhook one above keeps running.
+apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: refused
+spec:
+  source:
+    amqp: {{url: "amqp://nobody:wrong@127.0.0.1:5672/%2f", queue: spate-refused}}
 {template}"#,
             template = job_template(0.2)
         ),
@@ -329,6 +340,11 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The refused pipeline's source has long given up; the process still serves the other.
+    assert!(
+        spate.try_wait().unwrap().is_none(),
+        "spate run exited when one of its pipelines failed"
+    );
     let _ = spate.kill();
     let _ = spate.wait();
     cluster.shutdown().await;

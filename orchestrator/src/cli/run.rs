@@ -126,10 +126,15 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
         wait_for_signal().await;
         signals.cancel();
     });
-    engine.wait(stop.clone()).await;
+    let stopped = engine.wait(stop.clone()).await;
     stop.cancel();
     engine.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    if stopped {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("spate: every pipeline's source has stopped; the log above says why");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {

@@ -229,11 +229,19 @@ impl Engine {
         while self.watchers.join_next().await.is_some() {}
     }
 
-    /// Runs until a task ends on its own (a source failed for good) or `until` fires.
-    pub async fn wait(&mut self, until: CancellationToken) {
-        tokio::select! {
-            _ = until.cancelled() => {}
-            _ = self.flow.join_next() => {}
+    /// Runs until `until` fires (`true`), or until every pipeline's flow has ended on its own
+    /// (`false`): a source that fails for good stops its own pipeline, logged as an error,
+    /// and the others keep running.
+    pub async fn wait(&mut self, until: CancellationToken) -> bool {
+        loop {
+            tokio::select! {
+                _ = until.cancelled() => return true,
+                ended = self.flow.join_next() => {
+                    if ended.is_none() {
+                        return false;
+                    }
+                }
+            }
         }
     }
 }
