@@ -1,5 +1,6 @@
 //! The chaos table: `spate run` killed with SIGKILL five times at random moments during a
-//! 2,000-event burst from RabbitMQ, NATS JetStream and S3 polling, restarted each time.
+//! 2,000-event burst from RabbitMQ, NATS JetStream, S3 polling and a Redis stream,
+//! restarted each time.
 //! Every event must end with exactly one Job, and nothing may be left unacknowledged.
 //!
 //! The table is printed when a scenario fails, and written to the file named by
@@ -13,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AMQP, KillOnDrop, connect_amqp, delete_queues, ids, messages_left, publish};
+use common::{
+    AMQP, KillOnDrop, connect_amqp, delete_queues, ids, messages_left, publish, redis_cli,
+};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, ListParams};
 use rand::{Rng, SeedableRng};
@@ -104,6 +107,7 @@ enum Source {
     Amqp { queue: String },
     JetStream { stream: String, subject: String },
     S3 { bucket: String },
+    RedisStream { stream: String },
 }
 
 impl Source {
@@ -135,6 +139,12 @@ impl Source {
                 for ack in acks {
                     ack.await.unwrap();
                 }
+            }
+            Source::RedisStream { stream } => {
+                let entries: Vec<String> = (0..EVENTS)
+                    .map(|n| format!("XADD {stream} * n {n}"))
+                    .collect();
+                assert_eq!(redis_cli(&entries).len(), EVENTS);
             }
             Source::S3 { bucket } => {
                 let status = tokio::process::Command::new(
@@ -178,6 +188,10 @@ impl Source {
                 "nats: {{url: \"nats://127.0.0.1:4222\", subject: {subject}, \
                  jetstream: {{stream: {stream}, durable: chaos, ackWait: 30s}}}}"
             ),
+            Source::RedisStream { stream } => format!(
+                "redisStreams: {{url: \"redis://127.0.0.1:6379\", stream: {stream}, group: chaos, \
+                 consumer: chaos, claimIdle: 5s}}"
+            ),
             Source::S3 { bucket } => format!(
                 "objectStore: {{url: \"s3://{bucket}\", prefix: in/, endpoint: \"{S3}\", \
                  region: us-east-1, pollInterval: 300ms}}"
@@ -203,6 +217,13 @@ impl Source {
                 let info = consumer.info().await.unwrap();
                 info.num_ack_pending as u64 + info.num_pending
             }
+            Source::RedisStream { stream } => {
+                let lines = redis_cli(&[format!("XPENDING {stream} chaos")]);
+                lines
+                    .first()
+                    .and_then(|count| count.parse().ok())
+                    .unwrap_or_else(|| panic!("XPENDING answered {lines:?}"))
+            }
             Source::S3 { .. } => 0,
         }
     }
@@ -212,6 +233,9 @@ impl Source {
             Source::Amqp { queue } => delete_queues(&connect_amqp().await, &[queue]).await,
             Source::JetStream { stream, .. } => {
                 let _ = jetstream().await.delete_stream(stream).await;
+            }
+            Source::RedisStream { stream } => {
+                redis_cli(&[format!("DEL {stream}")]);
             }
             Source::S3 { .. } => {}
         }
@@ -356,6 +380,17 @@ async fn sigkill_five_times_during_two_thousand_event_bursts() {
             "chaos-s3",
             Source::S3 {
                 bucket: format!("spate-chaos-{tag}"),
+            },
+            &mut rng,
+        )
+        .await,
+    );
+    rows.push(
+        run_scenario(
+            "Redis Streams consumer group (perEvent)",
+            "chaos-redis",
+            Source::RedisStream {
+                stream: format!("spate-chaos-{tag}"),
             },
             &mut rng,
         )

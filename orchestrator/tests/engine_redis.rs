@@ -9,39 +9,15 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{KillOnDrop, Observer, job_template, start_engine};
+use common::{KillOnDrop, Observer, job_template, redis_cli, start_engine};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, ListParams};
 use spate_sim::{SimCluster, SimConfig};
 
 const URL: &str = "redis://127.0.0.1:6379";
-
-/// Runs `redis-cli` with one command per line on stdin; its output lines.
-fn redis_cli(commands: &[String]) -> Vec<String> {
-    let mut child = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", "6379"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("redis-cli installed (with redis-server)");
-    let mut stdin = child.stdin.take().unwrap();
-    for command in commands {
-        writeln!(stdin, "{command}").unwrap();
-    }
-    drop(stdin);
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "redis-cli failed");
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
 
 /// Adds `count` entries `n=<i>` to a fresh `stream`; the event ids they become.
 fn add_entries(stream: &str, count: usize) -> HashSet<String> {
