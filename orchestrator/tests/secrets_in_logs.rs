@@ -170,6 +170,7 @@ spec:
         .arg("-f")
         .arg(&pipeline)
         .env("RUST_LOG", "debug")
+        .env("SPATE_LOG_FORMAT", "json")
         .env("SPATE_TEST_S3_KEY_ID", &s3_key_id)
         .env("SPATE_TEST_SINK_TOKEN", &sink_token)
         .stdout(log_file.try_clone().unwrap())
@@ -233,6 +234,24 @@ spec:
             "nothing logged about {expected}: {output}"
         );
     }
+    // JSON logs carry the event's span: its id through to its Job's name.
+    let traced = output
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .any(|line| {
+            line["fields"]["message"] == "Job exists"
+                && line["span"]["name"] == "event"
+                && line["span"]["event"]
+                    .as_str()
+                    .is_some_and(|id| !id.is_empty())
+                && line["span"]["job"]
+                    .as_str()
+                    .is_some_and(|job| job.starts_with("secretive"))
+        });
+    assert!(
+        traced,
+        "no JSON log line ties an event to its Job: {output}"
+    );
     let mut leaks = Vec::new();
     for (what, secret) in [
         ("the webhook bearer token", &webhook_token),

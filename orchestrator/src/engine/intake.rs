@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::batch::next_batch;
 use super::budget::Budget;
@@ -67,9 +68,18 @@ impl Intake {
                 .events_received
                 .get_or_create(&metrics::pipeline(&this.id))
                 .inc_by(batch.len() as u64);
-            let Some(mut prepared) = this.render(batch).await else {
+            // One span per Job-to-be, from the event ids to the Job name, so a log search for
+            // an event finds its Job, its retries and its acknowledgement.
+            let span = tracing::info_span!(
+                "event",
+                pipeline = %this.id,
+                event = %batch_label(&batch),
+                job = tracing::field::Empty,
+            );
+            let Some(mut prepared) = this.render(batch).instrument(span.clone()).await else {
                 continue;
             };
+            span.record("job", prepared.name.as_str());
             let granted = tokio::select! {
                 _ = shutdown.cancelled() => {
                     prepared.give_back().await;
@@ -88,10 +98,13 @@ impl Intake {
             };
             let Ok(permit) = permit else { break };
             let this = this.clone();
-            creates.spawn(async move {
-                this.create(prepared, arrived).await;
-                drop(permit);
-            });
+            creates.spawn(
+                async move {
+                    this.create(prepared, arrived).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
             // Reap finished creates so the set stays small during long runs.
             while creates.try_join_next().is_some() {}
         }
@@ -268,5 +281,14 @@ impl Prepared {
                 tracing::warn!(%error, "could not hand an event back; the broker redelivers it when the connection closes");
             }
         }
+    }
+}
+
+/// The event id of a one-event batch; the first id and how many more for a larger one.
+fn batch_label(batch: &[Delivery]) -> String {
+    match batch {
+        [] => String::new(),
+        [only] => only.event.id().to_string(),
+        [first, rest @ ..] => format!("{} (+{} more)", first.event.id(), rest.len()),
     }
 }
