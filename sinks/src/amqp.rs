@@ -13,9 +13,9 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use spate_sources::amqp::{check_url_or_secret, redact_url};
+use spate_sources::amqp::{AMQP_EXAMPLE, redact_url};
 use spate_sources::backoff::Backoff;
-use spate_sources::check::Problems;
+use spate_sources::check::{AMQP_SCHEMES, Problems};
 use spate_sources::secret::SecretValue;
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
@@ -45,7 +45,13 @@ pub struct AmqpSink {
 
 impl AmqpSink {
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        check_url_or_secret(problems, path, &self.url, &self.url_from);
+        problems.url_or_secret(
+            path,
+            self.url.as_deref(),
+            self.url_from.is_some(),
+            &AMQP_SCHEMES,
+            AMQP_EXAMPLE,
+        );
         if self.routing_key.is_empty() && self.exchange.is_empty() {
             problems.push(
                 format!("{path}.routingKey"),

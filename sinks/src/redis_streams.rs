@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use spate_sources::backoff::Backoff;
 use spate_sources::check::Problems;
-use spate_sources::redis_streams::{check_url_or_secret, redact_url, resolve_url};
+use spate_sources::redis_streams::{REDIS_EXAMPLE, REDIS_SCHEMES, redact_url, resolve_url};
 use spate_sources::secret::SecretValue;
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -47,7 +47,13 @@ pub struct RedisStreamsSink {
 
 impl RedisStreamsSink {
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        check_url_or_secret(problems, path, &self.url, &self.url_from);
+        problems.url_or_secret(
+            path,
+            self.url.as_deref(),
+            self.url_from.is_some(),
+            &REDIS_SCHEMES,
+            REDIS_EXAMPLE,
+        );
         if self.stream.trim().is_empty() {
             problems.push(format!("{path}.stream"), "must name a stream");
         }

@@ -64,6 +64,30 @@ impl Problems {
         }
     }
 
+    /// Exactly one of `url` and `urlFrom` (the URL kept in a Secret); a literal URL must start
+    /// with one of `schemes`. `example` is the URL suggested when neither is set.
+    pub fn url_or_secret(
+        &mut self,
+        path: &str,
+        url: Option<&str>,
+        from_secret: bool,
+        schemes: &[&str],
+        example: &str,
+    ) {
+        match (url, from_secret) {
+            (Some(url), false) => self.url(&format!("{path}.url"), url, schemes),
+            (None, true) => {}
+            (Some(_), true) => self.push(
+                format!("{path}.urlFrom"),
+                "set either url or urlFrom, not both",
+            ),
+            (None, false) => self.push(
+                format!("{path}.url"),
+                format!("set url (e.g. {example}) or urlFrom"),
+            ),
+        }
+    }
+
     pub fn at_least(&mut self, path: &str, value: u64, minimum: u64, why: &str) {
         if value < minimum {
             self.push(

@@ -14,10 +14,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::check::AMQP_SCHEMES;
-use crate::check::Problems;
+use crate::check::{AMQP_SCHEMES, Problems};
 use crate::secret::SecretValue;
 use crate::{Source, SourceContext, SourceError};
+
+/// The URL suggested when a pipeline names none.
+pub const AMQP_EXAMPLE: &str = "amqp://127.0.0.1:5672/%2f";
 
 /// A RabbitMQ queue. Messages are acknowledged only once their Job exists.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -43,7 +45,13 @@ fn default_prefetch() -> u16 {
 
 impl AmqpSource {
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        check_url_or_secret(problems, path, &self.url, &self.url_from);
+        problems.url_or_secret(
+            path,
+            self.url.as_deref(),
+            self.url_from.is_some(),
+            &AMQP_SCHEMES,
+            AMQP_EXAMPLE,
+        );
         if self.queue.trim().is_empty() {
             problems.push(format!("{path}.queue"), "must name a queue");
         }
@@ -58,27 +66,6 @@ impl AmqpSource {
     /// An event as this source produces it.
     pub fn sample_event(&self) -> Value {
         json!({"id": "sample-0001", "subject": self.queue, "routingKey": self.queue, "exchange": "", "headers": {}, "data": {}})
-    }
-}
-
-/// Exactly one of `url` and `urlFrom`; shared with the AMQP sink.
-pub fn check_url_or_secret(
-    problems: &mut Problems,
-    path: &str,
-    url: &Option<String>,
-    from: &Option<SecretValue>,
-) {
-    match (url, from) {
-        (Some(url), None) => problems.url(&format!("{path}.url"), url, &AMQP_SCHEMES),
-        (None, Some(_)) => {}
-        (Some(_), Some(_)) => problems.push(
-            format!("{path}.urlFrom"),
-            "set either url or urlFrom, not both",
-        ),
-        (None, None) => problems.push(
-            format!("{path}.url"),
-            "set url (e.g. amqp://127.0.0.1:5672/%2f) or urlFrom",
-        ),
     }
 }
 

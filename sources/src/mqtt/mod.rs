@@ -80,26 +80,20 @@ fn default_keep_alive() -> String {
 
 impl MqttSource {
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        match (&self.url, &self.url_from) {
-            (Some(url), None) => {
-                problems.url(&format!("{path}.url"), url, &MQTT_SCHEMES);
-                if MQTT_SCHEMES
-                    .iter()
-                    .any(|s| url.starts_with(&format!("{s}://")))
-                    && let Err(reason) = parse_url(url)
-                {
-                    problems.push(format!("{path}.url"), reason);
-                }
-            }
-            (None, Some(_)) => {}
-            (Some(_), Some(_)) => problems.push(
-                format!("{path}.urlFrom"),
-                "set either url or urlFrom, not both",
-            ),
-            (None, None) => problems.push(
-                format!("{path}.url"),
-                "set url (e.g. mqtt://127.0.0.1:1883) or urlFrom",
-            ),
+        problems.url_or_secret(
+            path,
+            self.url.as_deref(),
+            self.url_from.is_some(),
+            &MQTT_SCHEMES,
+            "mqtt://127.0.0.1:1883",
+        );
+        if let (Some(url), None) = (&self.url, &self.url_from)
+            && MQTT_SCHEMES
+                .iter()
+                .any(|s| url.starts_with(&format!("{s}://")))
+            && let Err(reason) = parse_url(url)
+        {
+            problems.push(format!("{path}.url"), reason);
         }
         if let Err(reason) = check_topic_filter(&self.topic) {
             problems.push(format!("{path}.topic"), reason);

@@ -25,6 +25,8 @@ pub use entry::to_event;
 
 /// URL schemes of Redis: plain TCP and TLS.
 pub const REDIS_SCHEMES: [&str; 2] = ["redis", "rediss"];
+/// The URL suggested when a pipeline names none.
+pub const REDIS_EXAMPLE: &str = "redis://127.0.0.1:6379";
 
 /// A Redis stream read through a consumer group. Entries are acknowledged (`XACK`) only once
 /// their Job exists.
@@ -96,7 +98,13 @@ fn default_max_deliveries() -> u64 {
 
 impl RedisStreamsSource {
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        check_url_or_secret(problems, path, &self.url, &self.url_from);
+        problems.url_or_secret(
+            path,
+            self.url.as_deref(),
+            self.url_from.is_some(),
+            &REDIS_SCHEMES,
+            REDIS_EXAMPLE,
+        );
         for (field, value) in [("stream", &self.stream), ("group", &self.group)] {
             if value.trim().is_empty() {
                 problems.push(format!("{path}.{field}"), format!("must name a {field}"));
@@ -151,27 +159,6 @@ impl RedisStreamsSource {
         self.dead_letter_stream
             .clone()
             .unwrap_or_else(|| format!("{}:dead-letter", self.stream))
-    }
-}
-
-/// Exactly one of `url` and `urlFrom`, with a Redis scheme; shared with the Redis sink.
-pub fn check_url_or_secret(
-    problems: &mut Problems,
-    path: &str,
-    url: &Option<String>,
-    from: &Option<SecretValue>,
-) {
-    match (url, from) {
-        (Some(url), None) => problems.url(&format!("{path}.url"), url, &REDIS_SCHEMES),
-        (None, Some(_)) => {}
-        (Some(_), Some(_)) => problems.push(
-            format!("{path}.urlFrom"),
-            "set either url or urlFrom, not both",
-        ),
-        (None, None) => problems.push(
-            format!("{path}.url"),
-            "set url (e.g. redis://127.0.0.1:6379) or urlFrom",
-        ),
     }
 }
 
