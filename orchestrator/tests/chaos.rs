@@ -1,12 +1,14 @@
 //! The chaos table: `spate run` killed with SIGKILL five times at random moments during a
-//! 2,000-event burst from RabbitMQ, NATS JetStream, S3 polling and a Redis stream,
-//! restarted each time.
+//! 2,000-event burst from RabbitMQ, NATS JetStream, S3 polling, a Redis stream and a Kafka
+//! topic, restarted each time.
 //! Every event must end with exactly one Job, and nothing may be left unacknowledged.
 //!
 //! The table is printed when a scenario fails, and written to the file named by
 //! `SPATE_RELIABILITY_TABLE` (scripts/test sets it and prints it in the CI log).
 
 mod common;
+#[path = "../../sources/tests/support/kafka.rs"]
+mod kafka;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -25,6 +27,7 @@ use spate_sim::{SimCluster, SimConfig};
 const EVENTS: usize = 2000;
 const KILLS: usize = 5;
 const S3: &str = "http://127.0.0.1:9090";
+const KAFKA_PARTITIONS: i32 = 4;
 
 /// One row of the table.
 struct Outcome {
@@ -108,6 +111,7 @@ enum Source {
     JetStream { stream: String, subject: String },
     S3 { bucket: String },
     RedisStream { stream: String },
+    Kafka { topic: String },
 }
 
 impl Source {
@@ -139,6 +143,13 @@ impl Source {
                 for ack in acks {
                     ack.await.unwrap();
                 }
+            }
+            Source::Kafka { topic } => {
+                kafka::ensure_broker();
+                kafka::create_topic(kafka::BROKER, topic, KAFKA_PARTITIONS).await;
+                let produced =
+                    kafka::produce(&kafka::producer(kafka::BROKER), topic, 0, EVENTS).await;
+                assert_eq!(produced.len(), EVENTS);
             }
             Source::RedisStream { stream } => {
                 let entries: Vec<String> = (0..EVENTS)
@@ -192,6 +203,14 @@ impl Source {
                 "redisStreams: {{url: \"redis://127.0.0.1:6379\", stream: {stream}, group: chaos, \
                  consumer: chaos, claimIdle: 5s}}"
             ),
+            // A short session, so the group gives a killed member's partitions to its
+            // successor within seconds rather than the default 45.
+            Source::Kafka { topic } => format!(
+                "kafka: {{brokers: [\"{broker}\"], topic: {topic}, group: chaos, \
+                 commitInterval: 200ms, properties: {{session.timeout.ms: \"6000\", \
+                 heartbeat.interval.ms: \"500\"}}}}",
+                broker = kafka::BROKER
+            ),
             Source::S3 { bucket } => format!(
                 "objectStore: {{url: \"s3://{bucket}\", prefix: in/, endpoint: \"{S3}\", \
                  region: us-east-1, pollInterval: 300ms}}"
@@ -224,6 +243,16 @@ impl Source {
                     .and_then(|count| count.parse().ok())
                     .unwrap_or_else(|| panic!("XPENDING answered {lines:?}"))
             }
+            // Records above the group's committed offsets: not yet known to have a Job.
+            Source::Kafka { topic } => {
+                let highs = kafka::high_watermarks(kafka::BROKER, topic, KAFKA_PARTITIONS);
+                let committed = kafka::committed(kafka::BROKER, "chaos", topic, KAFKA_PARTITIONS);
+                highs
+                    .iter()
+                    .zip(&committed)
+                    .map(|(high, committed)| u64::try_from(high - committed.max(&0)).unwrap_or(0))
+                    .sum()
+            }
             Source::S3 { .. } => 0,
         }
     }
@@ -237,7 +266,8 @@ impl Source {
             Source::RedisStream { stream } => {
                 redis_cli(&[format!("DEL {stream}")]);
             }
-            Source::S3 { .. } => {}
+            // Topics live in the broker's memory; a unique name per run keeps them apart.
+            Source::Kafka { .. } | Source::S3 { .. } => {}
         }
     }
 }
@@ -391,6 +421,17 @@ async fn sigkill_five_times_during_two_thousand_event_bursts() {
             "chaos-redis",
             Source::RedisStream {
                 stream: format!("spate-chaos-{tag}"),
+            },
+            &mut rng,
+        )
+        .await,
+    );
+    rows.push(
+        run_scenario(
+            "Kafka consumer group, 4 partitions (perEvent)",
+            "chaos-kafka",
+            Source::Kafka {
+                topic: format!("spate-chaos-{tag}"),
             },
             &mut rng,
         )

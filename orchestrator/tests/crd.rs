@@ -33,6 +33,18 @@ fn the_chart_crd_matches_the_generated_one() {
         .collect();
     assert_eq!(
         columns,
-        ["Source", "Mode", "Running", "Succeeded", "Failed", "Age"]
+        [
+            "Source",
+            "Mode",
+            "Running",
+            "Succeeded",
+            "Failed",
+            "Lag",
+            "Age"
+        ]
     );
+    // The lag is a wide column: `kubectl get pipelines -o wide`.
+    let lag = &version["additionalPrinterColumns"][5];
+    assert_eq!(lag["jsonPath"], ".status.sourceLag");
+    assert_eq!(lag["priority"], 1);
 }

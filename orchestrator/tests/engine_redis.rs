@@ -1,7 +1,8 @@
 //! The engine end to end with a Redis stream on 127.0.0.1:6379 (started with
 //! `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no`):
 //! 1,000 entries become exactly 1,000 Jobs, also when `spate run -f` is killed with SIGKILL
-//! mid-burst and restarted, and nothing is left pending in the consumer group.
+//! mid-burst and restarted, and nothing is left pending in the consumer group; run by the
+//! in-cluster controller, the Pipeline's status shows the stream's lag falling to zero.
 //!
 //! Redis is driven with `redis-cli` (installed with redis-server), each test on a stream of
 //! its own that it deletes.
@@ -10,12 +11,21 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{KillOnDrop, Observer, job_template, redis_cli, start_engine};
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, ListParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use spate::engine::EngineOptions;
+use spate::engine::controller::{self, ControllerOptions, PAUSED_ANNOTATION};
+use spate::engine::leader::LeaseConfig;
+use spate::pipeline::{Pipeline, PipelineStatus};
 use spate_sim::{SimCluster, SimConfig};
+use spate_sources::checkpoint::FileCheckpoints;
+use tokio_util::sync::CancellationToken;
 
 const URL: &str = "redis://127.0.0.1:6379";
 
@@ -216,6 +226,164 @@ spec:
     );
     assert_eq!(owners.keys().cloned().collect::<HashSet<_>>(), expected);
     assert_eq!(pending(&stream, "spate"), 0);
+    redis_cli(&[format!("DEL {stream}")]);
+    cluster.shutdown().await;
+}
+
+async fn install_crd(cluster: &SimCluster) {
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
+    crds.create(&PostParams::default(), &Pipeline::crd())
+        .await
+        .unwrap();
+    // Served once discovery knows it.
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    for _ in 0..100 {
+        if pipelines.list(&ListParams::default()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the Pipeline CRD is not served");
+}
+
+/// Polls the Pipeline's status until `done` holds; the statuses seen on the way.
+async fn status_until(
+    pipelines: &Api<Pipeline>,
+    name: &str,
+    seconds: u64,
+    mut done: impl FnMut(&PipelineStatus) -> bool,
+) -> Vec<PipelineStatus> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut seen = Vec::new();
+    loop {
+        let status = pipelines
+            .get_status(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let finished = done(&status);
+        seen.push(status);
+        if finished {
+            return seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {seconds}s the status is {:?}",
+            seen.last()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pipeline_status_shows_the_streams_lag_until_the_burst_is_taken() {
+    const ENTRIES: usize = 100;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    install_crd(&cluster).await;
+    let state = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(controller::run(
+        cluster.client(),
+        ControllerOptions {
+            namespace: Some("default".to_string()),
+            engine: EngineOptions {
+                state_dir: state.path().to_path_buf(),
+                checkpoints: Arc::new(FileCheckpoints::new(state.path())),
+                namespace_budget: None,
+                webhooks: None,
+                drain_timeout: Duration::from_secs(5),
+            },
+            lease: LeaseConfig {
+                namespace: "default".to_string(),
+                name: "spate-controller".to_string(),
+                identity: "replica-a".to_string(),
+                duration: Duration::from_secs(3),
+                renew: Duration::from_millis(500),
+            },
+            status_interval: Duration::from_millis(300),
+        },
+        stop.clone(),
+    ));
+    let stream = format!("spate-lag-redis-{}", std::process::id());
+    let expected = add_entries(&stream, ENTRIES);
+    let name = "redis-lag";
+    // Five pods of half a second at a time: the burst takes about ten seconds, several
+    // backlog readings.
+    let yaml = format!(
+        r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  source:
+    redisStreams: {{url: "{URL}", stream: {stream}, group: spate}}
+  fanout: {{mode: perEvent, maxParallelism: 5, maxJobsPerSecond: 1000, burst: 100}}
+  ttlSecondsAfterFinished: 600
+{template}"#,
+        template = job_template(0.5),
+    );
+    let pipeline = spate::pipeline::load_str(&yaml, "p.yaml")
+        .unwrap()
+        .remove(0)
+        .pipeline;
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    pipelines
+        .create(&PostParams::default(), &pipeline)
+        .await
+        .unwrap();
+
+    let during = status_until(&pipelines, name, 60, |status| {
+        status.source_lag.is_some_and(|lag| lag > 0)
+    })
+    .await;
+    let lag = during.last().unwrap().source_lag.unwrap();
+    assert!(lag <= ENTRIES as i64, "more lag than entries: {lag}");
+    let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
+    let selector = format!("spate.dev/pipeline={name}");
+    let created = jobs
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert!(
+        created < ENTRIES,
+        "the burst was over before a lag was seen; the test proves nothing"
+    );
+
+    let after = status_until(&pipelines, name, 120, |status| {
+        status.source_lag == Some(0) && status.received == ENTRIES as i64
+    })
+    .await;
+    assert!(
+        after.iter().all(|status| status.source_lag.is_some()),
+        "the lag stayed known while the source was connected: {after:?}"
+    );
+    let owners = jobs_per_event(&jobs, &selector).await;
+    assert_eq!(owners.keys().cloned().collect::<HashSet<_>>(), expected);
+    assert_eq!(pending(&stream, "spate"), 0);
+
+    // Paused, nothing measures the stream: the lag leaves the status instead of staying at
+    // its last reading.
+    let pause = serde_json::json!({"metadata": {"annotations": {PAUSED_ANNOTATION: "true"}}});
+    pipelines
+        .patch(name, &PatchParams::default(), &Patch::Merge(&pause))
+        .await
+        .unwrap();
+    status_until(&pipelines, name, 30, |status| {
+        let paused = status
+            .conditions
+            .first()
+            .is_some_and(|condition| condition.reason == "Paused");
+        paused && status.source_lag.is_none()
+    })
+    .await;
+
+    stop.cancel();
+    running.await.unwrap();
     redis_cli(&[format!("DEL {stream}")]);
     cluster.shutdown().await;
 }

@@ -68,7 +68,8 @@ async fn kubectl_applies_the_crd_and_a_pipeline_and_sees_its_status() {
             "kubectl apply of the example Pipeline never succeeded"
         );
 
-        let patch = r#"{"status":{"source":"amqp","running":3,"succeeded":7}}"#;
+        let patch =
+            r#"{"status":{"source":"amqp","running":3,"succeeded":7,"failed":0,"sourceLag":1234}}"#;
         kubectl(
             &kubeconfig,
             &[
@@ -105,6 +106,15 @@ async fn kubectl_applies_the_crd_and_a_pipeline_and_sees_its_status() {
             ["render-frames", "amqp", "perEvent", "3", "7"],
             "{table}"
         );
+
+        // The source's lag is a wide column.
+        let wide = kubectl(&kubeconfig, &["get", "pipelines", "-o", "wide"], None);
+        let wide = String::from_utf8(wide.stdout).unwrap();
+        let mut lines = wide.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(header[6], "LAG", "{wide}");
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(row[6], "1234", "{wide}");
 
         let json = kubectl(
             &kubeconfig,

@@ -364,6 +364,7 @@ const STATUS_FIELDS: &[&str] = &[
     "state",
     "received",
     "queued",
+    "source_lag",
     "dead_lettered",
     "last_error",
     "jobs_active",
@@ -389,7 +390,7 @@ async fn json_lines_show_the_pipeline_status_counts_and_failures() {
     pipeline_with_status(
         &client,
         "burst-json",
-        json!({"received": 20, "pending": 0, "deadLettered": 1,
+        json!({"received": 20, "pending": 0, "deadLettered": 1, "sourceLag": 0,
                "lastError": "event 7: the object is gone", "conditions": ready_condition()}),
     )
     .await;
@@ -453,6 +454,7 @@ async fn json_lines_show_the_pipeline_status_counts_and_failures() {
         assert_eq!(status["received"], 20);
         assert_eq!(status["queued"], 0);
         assert_eq!(status["dead_lettered"], 1);
+        assert_eq!(status["source_lag"], 0);
         assert_eq!(status["last_error"], "event 7: the object is gone");
         assert_eq!(status["regular"], 0);
     }

@@ -6,6 +6,7 @@
 //! of [`SinkConfig`]. Any sink can serve as the dead-letter sink.
 
 pub mod amqp;
+pub mod kafka;
 pub mod kubernetes_event;
 pub mod nats;
 pub mod object_store;
@@ -37,6 +38,8 @@ pub enum SinkConfig {
     KubernetesEvent(kubernetes_event::KubernetesEventSink),
     /// Append each record to a Redis stream (`XADD`).
     RedisStreams(redis_streams::RedisStreamsSink),
+    /// Produce each record to a Kafka topic (idempotent producer, `acks=all`).
+    Kafka(kafka::KafkaSink),
 }
 
 impl SinkConfig {
@@ -48,6 +51,7 @@ impl SinkConfig {
             SinkConfig::Webhook(_) => "webhook",
             SinkConfig::KubernetesEvent(_) => "kubernetesEvent",
             SinkConfig::RedisStreams(_) => "redisStreams",
+            SinkConfig::Kafka(_) => "kafka",
         }
     }
 
@@ -61,6 +65,7 @@ impl SinkConfig {
             SinkConfig::Webhook(config) => config.validate(&path, problems),
             SinkConfig::KubernetesEvent(_) => {}
             SinkConfig::RedisStreams(config) => config.validate(&path, problems),
+            SinkConfig::Kafka(config) => config.validate(&path, problems),
         }
     }
 
@@ -73,6 +78,7 @@ impl SinkConfig {
             SinkConfig::Webhook(config) => webhook::build(config, cx),
             SinkConfig::KubernetesEvent(config) => kubernetes_event::build(config, cx),
             SinkConfig::RedisStreams(config) => redis_streams::build(config, cx),
+            SinkConfig::Kafka(config) => kafka::build(config, cx),
         }
     }
 }

@@ -9,11 +9,13 @@
 //! one module plus one variant of [`SourceConfig`].
 
 pub mod amqp;
+pub mod backlog;
 pub mod backoff;
 pub mod check;
 pub mod checkpoint;
 pub mod cron;
 mod event;
+pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod object_store;
@@ -53,6 +55,8 @@ pub enum SourceConfig {
     Webhook(webhook::WebhookSource),
     /// Entries of a Redis stream, read through a consumer group (at-least-once).
     RedisStreams(redis_streams::RedisStreamsSource),
+    /// Records of a Kafka topic, read through a consumer group (at-least-once).
+    Kafka(kafka::KafkaSource),
 }
 
 impl SourceConfig {
@@ -66,6 +70,7 @@ impl SourceConfig {
             SourceConfig::Cron(_) => "cron",
             SourceConfig::Webhook(_) => "webhook",
             SourceConfig::RedisStreams(_) => "redisStreams",
+            SourceConfig::Kafka(_) => "kafka",
         }
     }
 
@@ -80,6 +85,7 @@ impl SourceConfig {
             SourceConfig::Cron(config) => config.validate(&path, problems),
             SourceConfig::Webhook(config) => config.validate(&path, problems),
             SourceConfig::RedisStreams(config) => config.validate(&path, problems),
+            SourceConfig::Kafka(config) => config.validate(&path, problems),
         }
     }
 
@@ -93,6 +99,7 @@ impl SourceConfig {
             SourceConfig::Cron(config) => config.sample_event(),
             SourceConfig::Webhook(config) => config.sample_event(),
             SourceConfig::RedisStreams(config) => config.sample_event(),
+            SourceConfig::Kafka(config) => config.sample_event(),
         }
     }
 
@@ -109,6 +116,7 @@ impl SourceConfig {
             SourceConfig::Cron(config) => cron::build(config, cx),
             SourceConfig::Webhook(config) => webhook::build(config, cx),
             SourceConfig::RedisStreams(config) => redis_streams::build(config, cx),
+            SourceConfig::Kafka(config) => kafka::build(config, cx),
         }
     }
 }

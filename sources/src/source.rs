@@ -101,6 +101,9 @@ pub struct SourceContext {
     pub state_dir: PathBuf,
     /// The process's shared webhook server, where webhook sources register their path.
     pub webhooks: Option<crate::webhook::WebhookServer>,
+    /// Where the source reports its backlog (consumer-group lag, pending entries) if its
+    /// protocol tells it.
+    pub backlog: crate::backlog::Backlog,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -93,6 +93,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_repeats_only_what_was_in_
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = build(&config, &cx).await.unwrap();
     let (tx, mut rx) = mpsc::channel(CAPACITY);

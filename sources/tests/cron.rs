@@ -83,6 +83,7 @@ async fn start(config: CronSource, checkpoint: Option<&str>, clock: Option<Clock
         checkpoints: checkpoints.clone(),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = match clock {
         Some(clock) => spate_sources::cron::build_with_clock(&config, &cx, clock),

@@ -30,6 +30,7 @@ fn context() -> SourceContext {
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     }
 }
 

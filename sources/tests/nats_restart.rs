@@ -115,6 +115,7 @@ async fn a_server_restart_mid_stream_loses_nothing() {
         checkpoints: Arc::new(FileCheckpoints::new(store.path())),
         state_dir: store.path().to_path_buf(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = build(&config, &cx).await.unwrap();
     let (tx, mut rx) = mpsc::channel::<Delivery>(8);

@@ -164,6 +164,7 @@ async fn start(config: &ObjectStoreSource, checkpoints: Arc<dyn CheckpointStore>
         checkpoints,
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = spate_sources::object_store::build(config, &cx)
         .await
@@ -588,6 +589,7 @@ async fn a_missing_bucket_stops_the_source_with_an_error() {
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let config = source("s3://spate-no-such-bucket".to_string());
     let source = spate_sources::object_store::build(&config, &cx)

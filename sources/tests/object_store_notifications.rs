@@ -175,6 +175,7 @@ async fn each_created_object_of_a_notification_is_an_event_and_the_message_waits
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = build(&config, &cx).await.unwrap();
     let (tx, mut rx) = mpsc::channel(16);
@@ -255,6 +256,7 @@ async fn notifications_on_a_nats_subject_become_object_events() {
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = build(&config, &cx).await.unwrap();
     let (tx, mut rx) = mpsc::channel(16);
@@ -325,6 +327,7 @@ async fn notifications_posted_to_a_webhook_become_object_events() {
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: Some(server.clone()),
+        backlog: Default::default(),
     };
     let source = build(&config, &cx).await.unwrap();
     let (tx, mut rx) = mpsc::channel(16);
@@ -395,6 +398,7 @@ async fn a_transport_that_cannot_start_stops_the_source_with_its_error() {
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = build(&config, &cx).await.unwrap();
     let (tx, _rx) = mpsc::channel(4);

@@ -154,6 +154,7 @@ async fn objects_uploaded_to_a_bucket_arrive_through_sqs_with_their_polling_ids(
         checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
         state_dir: std::env::temp_dir(),
         webhooks: None,
+        backlog: Default::default(),
     };
     let source = build(&config, &cx).await.unwrap();
     let (tx, mut rx) = mpsc::channel(16);

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
+use spate_sources::backlog::Backlog;
 use spate_sources::checkpoint::FileCheckpoints;
 use spate_sources::redis_streams::{RedisStreamsSource, build};
 use spate_sources::secret::EnvSecrets;
@@ -165,22 +166,46 @@ struct Running {
     rx: mpsc::Receiver<Delivery>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), SourceError>>,
+    /// What the source reports it still holds, as the engine reads it.
+    backlog: Backlog,
 }
 
 impl Running {
     async fn start(stream: &TestStream, config: &RedisStreamsSource, capacity: usize) -> Running {
+        let backlog = Backlog::default();
         let cx = SourceContext {
             pipeline: stream.pipeline(),
             secrets: Arc::new(EnvSecrets),
             checkpoints: Arc::new(FileCheckpoints::new(std::env::temp_dir())),
             state_dir: std::env::temp_dir(),
             webhooks: None,
+            backlog: backlog.clone(),
         };
         let source = build(config, &cx).await.unwrap();
         let (tx, rx) = mpsc::channel(capacity);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(source.run(tx, shutdown.clone()));
-        Running { rx, shutdown, task }
+        Running {
+            rx,
+            shutdown,
+            task,
+            backlog,
+        }
+    }
+
+    /// Waits (up to [`WAIT`]) for the source to report `expected`; it reads every 2s.
+    async fn wait_backlog(&self, expected: Option<u64>) {
+        let reached = async {
+            while self.backlog.get() != expected {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if timeout(WAIT, reached).await.is_err() {
+            panic!(
+                "the backlog stayed at {:?} instead of {expected:?}",
+                self.backlog.get()
+            );
+        }
     }
 
     async fn next(&mut self) -> Delivery {
@@ -393,6 +418,75 @@ async fn killed_connections_lose_nothing() {
         extra.ack.ack().await.unwrap();
     }
     stream.wait_pending(0).await;
+    source.stop().await;
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn the_backlog_counts_entries_not_delivered_or_not_acknowledged() {
+    const ENTRIES: u64 = 20;
+    let stream = TestStream::new("backlog").await;
+    // A small channel the test does not read yet: most entries stay undelivered.
+    let mut source = Running::start(&stream, &stream.source("60s"), 4).await;
+    source.wait_backlog(Some(0)).await;
+
+    stream.add_many(ENTRIES as usize).await;
+    source.wait_backlog(Some(ENTRIES)).await;
+    assert!(
+        stream.pending().await < ENTRIES,
+        "undelivered entries are part of the backlog, not only pending ones"
+    );
+
+    // Every entry delivered and held unacknowledged: still all of them.
+    let mut held = Vec::new();
+    for _ in 0..ENTRIES {
+        held.push(source.next().await);
+    }
+    stream.wait_pending(ENTRIES).await;
+    source.wait_backlog(Some(ENTRIES)).await;
+    // Each acknowledgement takes one off.
+    for delivery in held.drain(..5) {
+        delivery.ack.ack().await.unwrap();
+    }
+    source.wait_backlog(Some(ENTRIES - 5)).await;
+    for delivery in held.drain(..) {
+        delivery.ack.ack().await.unwrap();
+    }
+    source.wait_backlog(Some(0)).await;
+
+    // A stopped source no longer measures: its last reading is not left behind.
+    let backlog = source.backlog.clone();
+    source.stop().await;
+    assert_eq!(backlog.get(), None);
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn a_backlog_redis_cannot_count_is_unknown_rather_than_understated() {
+    let stream = TestStream::new("backlog-xdel").await;
+    let mut source = Running::start(&stream, &stream.source("60s"), 2).await;
+    source.wait_backlog(Some(0)).await;
+    // The test does not read yet: two entries wait in the channel, three stay unread.
+    stream.add_many(5).await;
+    source.wait_backlog(Some(5)).await;
+
+    // An entry deleted ahead of the group: Redis can no longer count the unread ones, and the
+    // two pending entries alone would pass for the whole backlog.
+    let deleted = stream.add(&[("data", "{}")]).await;
+    stream.add(&[("data", "{}")]).await;
+    let _: u64 = redis::cmd("XDEL")
+        .arg(&stream.stream)
+        .arg(&deleted)
+        .query_async(&mut stream.redis.clone())
+        .await
+        .unwrap();
+    source.wait_backlog(None).await;
+
+    // Once the group has read past the deleted entry, Redis counts again.
+    for _ in 0..6 {
+        source.next().await.ack.ack().await.unwrap();
+    }
+    source.wait_backlog(Some(0)).await;
     source.stop().await;
     stream.delete().await;
 }

@@ -78,6 +78,7 @@ impl Harness {
             checkpoints: Arc::new(FileCheckpoints::new(self._state.path())),
             state_dir: self._state.path().to_path_buf(),
             webhooks: Some(self.server.clone()),
+            backlog: Default::default(),
         }
     }
 

@@ -80,6 +80,7 @@ impl Harness {
             checkpoints: Arc::new(FileCheckpoints::new(self.state.path())),
             state_dir: self.state.path().to_path_buf(),
             webhooks: Some(self.server.clone()),
+            backlog: Default::default(),
         };
         let source = spate_sources::webhook::build(&config, &context)
             .await

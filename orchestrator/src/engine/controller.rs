@@ -4,8 +4,9 @@
 //! engine per Pipeline in step with its spec: started when created, restarted when its
 //! generation changes, stopped when deleted or paused (annotation `spate.dev/paused: "true"`).
 //! A Pipeline that fails validation gets a `Ready=False` condition with every problem, and
-//! nothing runs. Status (counts, conditions, last error) is written through the status
-//! subresource at most once per `status_interval` per Pipeline, and only when it changed.
+//! nothing runs. Status (counts, the source's lag, conditions, last error) is written through
+//! the status subresource at most once per `status_interval` per Pipeline, and only when it
+//! changed.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -171,7 +172,13 @@ async fn write_statuses(client: &kube::Client, managed: &mut HashMap<(String, St
             continue;
         }
         let pipelines: Api<Pipeline> = Api::namespaced(client.clone(), namespace);
-        let patch = json!({"status": status});
+        let mut patch = json!({"status": status});
+        // A merge patch keeps the fields it does not name: without an explicit null, a lag
+        // that is no longer known (source disconnected, pipeline paused) would stay at its
+        // last reading.
+        if status.source_lag.is_none() {
+            patch["status"]["sourceLag"] = serde_json::Value::Null;
+        }
         match pipelines
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -224,6 +231,11 @@ fn status_of(entry: &Managed) -> PipelineStatus {
         succeeded: snapshot.succeeded,
         failed: snapshot.failed,
         dead_lettered: snapshot.dead_lettered,
+        source_lag: entry
+            .live
+            .as_ref()
+            .and_then(|live| live.backlog.get())
+            .map(|messages| i64::try_from(messages).unwrap_or(i64::MAX)),
         last_error: snapshot
             .last_error
             .or_else(|| entry.problems.first().cloned()),

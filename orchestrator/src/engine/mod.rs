@@ -29,6 +29,7 @@ use std::time::Duration;
 use anyhow::Context;
 use spate_sinks::{PipelineRef, SinkContext};
 use spate_sources::SourceContext;
+use spate_sources::backlog::Backlog;
 use spate_sources::checkpoint::CheckpointStore;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -74,6 +75,8 @@ pub struct RunningPipeline {
     pub id: String,
     pub stats: Arc<stats::PipelineStats>,
     pub budget: Budget,
+    /// What the source last reported it still holds for the pipeline.
+    pub backlog: Backlog,
 }
 
 impl Engine {
@@ -114,6 +117,7 @@ impl Engine {
             .await
             .map_err(|e| anyhow::anyhow!("pipeline {id}: {e}"))?;
             let sinks = Arc::new(sinks);
+            let backlog = Backlog::default();
             let source = spec
                 .source
                 .build(&SourceContext {
@@ -122,6 +126,7 @@ impl Engine {
                     checkpoints: options.checkpoints.clone(),
                     state_dir: options.state_dir.clone(),
                     webhooks: options.webhooks.clone(),
+                    backlog: backlog.clone(),
                 })
                 .await
                 .with_context(|| {
@@ -139,6 +144,7 @@ impl Engine {
                 id: id.clone(),
                 stats: stats.clone(),
                 budget: budget.clone(),
+                backlog,
             });
             let emitter = emit::Emitter::new(
                 client.clone(),

@@ -32,6 +32,7 @@ pub use spate_sources::SourceConfig;
     printcolumn = r#"{"name": "Running", "type": "integer", "jsonPath": ".status.running"}"#,
     printcolumn = r#"{"name": "Succeeded", "type": "integer", "jsonPath": ".status.succeeded"}"#,
     printcolumn = r#"{"name": "Failed", "type": "integer", "jsonPath": ".status.failed"}"#,
+    printcolumn = r#"{"name": "Lag", "type": "integer", "jsonPath": ".status.sourceLag", "priority": 1}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -280,6 +281,11 @@ pub struct PipelineStatus {
     /// Events sent to the dead-letter sink.
     #[serde(default)]
     pub dead_lettered: i64,
+    /// Messages the source still holds for this pipeline (not yet delivered to Spate, or
+    /// delivered and not yet acknowledged): consumer-group lag for Kafka, unread plus pending
+    /// entries for Redis Streams; absent when the source's protocol does not tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_lag: Option<i64>,
     /// The most recent problem: a dead-letter reason or a validation error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,

@@ -406,3 +406,40 @@ pub fn redis_cli(commands: &[String]) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Starts `spate run -f PIPELINE` against the cluster of `kubeconfig`, its output discarded
+/// (a test reads what it did from the cluster and the broker, never from its logs).
+pub fn spawn_spate_run(
+    pipeline: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    state: &std::path::Path,
+) -> KillOnDrop {
+    std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["run", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("-f")
+        .arg(pipeline)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap()
+}
+
+/// [`jobs_per_event`] of the Jobs matching `selector`, listing again while the simulator is
+/// briefly unavailable (a test may be injecting faults).
+pub async fn list_jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<String, usize> {
+    let mut attempts = 0;
+    loop {
+        match jobs.list(&ListParams::default().labels(selector)).await {
+            Ok(list) => return jobs_per_event(&list.items),
+            Err(error) => {
+                attempts += 1;
+                assert!(attempts < 50, "listing Jobs keeps failing: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -31,6 +31,8 @@ pub struct PrinterColumn {
     pub column_type: String,
     /// Simple JSONPath such as `.spec.size`.
     pub json_path: String,
+    /// 0: always shown; higher: only with `kubectl get -o wide`.
+    pub priority: u8,
 }
 
 /// How a resource is served.
@@ -409,6 +411,10 @@ pub fn info_from_crd(crd: &Value) -> Option<ResourceInfo> {
                         name: str_of(c, "name")?,
                         column_type: str_of(c, "type").unwrap_or_else(|| "string".into()),
                         json_path: str_of(c, "jsonPath")?,
+                        priority: c
+                            .get("priority")
+                            .and_then(Value::as_u64)
+                            .map_or(0, |p| u8::try_from(p).unwrap_or(u8::MAX)),
                     })
                 })
                 .collect()
@@ -562,12 +568,20 @@ mod tests {
         "versions": [
             {"name": "v1alpha1", "served": true, "storage": false},
             {"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
-             "additionalPrinterColumns": [{"name": "Size", "type": "integer", "jsonPath": ".spec.size"}]}
+             "additionalPrinterColumns": [{"name": "Size", "type": "integer", "jsonPath": ".spec.size"},
+                 {"name": "Colour", "type": "string", "jsonPath": ".spec.colour", "priority": 1}]}
         ]}});
         let info = info_from_crd(&crd).expect("complete CRD");
         assert_eq!(info.versions, vec!["v1", "v1alpha1"]);
         assert!(info.status_subresource && info.namespaced);
         assert_eq!(info.printer_columns[0].json_path, ".spec.size");
+        assert_eq!(
+            (
+                info.printer_columns[0].priority,
+                info.printer_columns[1].priority
+            ),
+            (0, 1)
+        );
         let registry = Registry::with_builtins();
         registry.insert(info);
         assert!(

@@ -317,7 +317,11 @@ fn columns_and_cells(info: &ResourceInfo, object: Option<&Value>) -> (Vec<Value>
             let mut columns = Vec::new();
             let mut cells = Vec::new();
             for printer in &info.printer_columns {
-                columns.push(column(&printer.name, &printer.column_type, 0));
+                columns.push(column(
+                    &printer.name,
+                    &printer.column_type,
+                    printer.priority,
+                ));
                 let cell = json_path_cell(o, &printer.json_path);
                 cells.push(match (printer.column_type.as_str(), cell.as_str()) {
                     ("date", Some(ts)) => {
@@ -420,11 +424,20 @@ mod tests {
         let mut widgets = (*registry.lookup("", "v1", "configmaps").unwrap()).clone();
         widgets.group = "example.com".into();
         widgets.kind = "Widget".into();
-        widgets.printer_columns = vec![PrinterColumn {
-            name: "Size".into(),
-            column_type: "integer".into(),
-            json_path: ".spec.size".into(),
-        }];
+        widgets.printer_columns = vec![
+            PrinterColumn {
+                name: "Size".into(),
+                column_type: "integer".into(),
+                json_path: ".spec.size".into(),
+                priority: 0,
+            },
+            PrinterColumn {
+                name: "Colour".into(),
+                column_type: "string".into(),
+                json_path: ".spec.colour".into(),
+                priority: 1,
+            },
+        ];
         let view = TableView {
             info: widgets,
             include: IncludeObject::Metadata,
@@ -435,5 +448,9 @@ mod tests {
         );
         assert_eq!(table["rows"][0]["cells"][1], 3);
         assert_eq!(table["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+        // A wide column keeps its priority, so kubectl shows it only with `-o wide`.
+        assert_eq!(table["columnDefinitions"][1]["priority"], 0);
+        assert_eq!(table["columnDefinitions"][2]["name"], "Colour");
+        assert_eq!(table["columnDefinitions"][2]["priority"], 1);
     }
 }

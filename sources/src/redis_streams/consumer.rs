@@ -20,8 +20,13 @@
 //! replica, an acknowledgement lost with its connection). An entry whose delivery count (from
 //! `XPENDING`) exceeds `maxDeliveries` is added to the dead-letter stream with the reason and
 //! acknowledged, in one `MULTI`.
+//!
+//! Every [`BACKLOG_EVERY`] the session reads the group's `lag` (entries not delivered yet) and
+//! `pending` (delivered, not acknowledged) with `XINFO GROUPS`, and reports their sum as the
+//! pipeline's backlog.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -34,7 +39,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::entry::{Entry, autoclaim_reply, pending_counts, read_reply, to_event};
+use super::entry::{
+    Entry, GroupCounts, autoclaim_reply, group_counts, pending_counts, read_reply, to_event,
+};
+use crate::backlog::Backlog;
 use crate::backoff::Backoff;
 use crate::{Ack, Delivery, Settle, Source, SourceError};
 
@@ -47,6 +55,9 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Attempts of one `XACK` (through the current connection each time) before leaving the entry
 /// pending for a reclaim.
 const ACK_ATTEMPTS: u32 = 3;
+/// How often the group's backlog is read: often enough for a live view, one cheap command
+/// per pipeline.
+const BACKLOG_EVERY: Duration = Duration::from_secs(2);
 
 /// A configured, not yet connected, stream consumer.
 pub(super) struct StreamConsumer {
@@ -63,6 +74,7 @@ pub(super) struct StreamConsumer {
     pub(super) max_deliveries: u64,
     pub(super) dead_letter_stream: String,
     pub(super) pipeline: String,
+    pub(super) backlog: Backlog,
 }
 
 /// What the reading loop shares with the settlement handles.
@@ -118,6 +130,9 @@ impl StreamConsumer {
                 _ = shutdown.cancelled() => Ok(End::Shutdown),
                 outcome = self.session(&shared, &out, &mut backoff, &mut has_read) => outcome,
             };
+            // Nothing measures it between sessions: a last reading left in place would hide
+            // the outage.
+            self.backlog.forget();
             if started.elapsed() >= STABLE_SESSION {
                 backoff.reset();
             }
@@ -166,7 +181,8 @@ impl StreamConsumer {
         Ok(connection)
     }
 
-    /// One connection's life: connect, create the group, read until an error or the end.
+    /// One connection's life: connect, create the group, read (and measure the backlog) until
+    /// an error or the end.
     async fn session(
         &self,
         shared: &Arc<Shared>,
@@ -193,10 +209,25 @@ impl StreamConsumer {
                 Err(err) => return Err(err),
             }
         }
+        let measuring = acker.clone();
         *shared.acker.lock() = Some(acker);
         info!(stream = %self.stream, group = %self.group, consumer = %self.consumer,
             "reading redis stream");
+        tokio::select! {
+            end = self.read(shared, &mut reader, out, backoff, has_read) => end,
+            never = self.measure_backlog(measuring) => match never {},
+        }
+    }
 
+    /// Reads and hands entries over until an error or the end of the session.
+    async fn read(
+        &self,
+        shared: &Arc<Shared>,
+        reader: &mut MultiplexedConnection,
+        out: &mpsc::Sender<Delivery>,
+        backoff: &mut Backoff,
+        has_read: &mut bool,
+    ) -> Result<End, RedisError> {
         // Own pending entries first: delivered before a disconnect or a restart, never acked.
         let mut pending_cursor = Some("0".to_string());
         let mut claim_cursor = "0-0".to_string();
@@ -225,14 +256,14 @@ impl StreamConsumer {
                     .arg("STREAMS")
                     .arg(&self.stream)
                     .arg(&cursor)
-                    .query_async::<redis::Value>(&mut reader)
+                    .query_async::<redis::Value>(reader)
                     .await?;
                 *has_read = true;
                 let entries = parse(read_reply(&reply))?;
                 if let Some(last) = entries.last() {
                     pending_cursor = Some(last.id.clone());
                 }
-                self.handle(shared, &mut reader, out, entries, true).await?
+                self.handle(shared, reader, out, entries, true).await?
             } else if Instant::now() >= next_claim {
                 let reply = redis::cmd("XAUTOCLAIM")
                     .arg(&self.stream)
@@ -242,7 +273,7 @@ impl StreamConsumer {
                     .arg(&claim_cursor)
                     .arg("COUNT")
                     .arg(room)
-                    .query_async::<redis::Value>(&mut reader)
+                    .query_async::<redis::Value>(reader)
                     .await?;
                 let (cursor, entries, deleted) = parse(autoclaim_reply(&reply))?;
                 if deleted > 0 {
@@ -255,7 +286,7 @@ impl StreamConsumer {
                     next_claim = Instant::now() + claim_every;
                 }
                 claim_cursor = cursor;
-                self.handle(shared, &mut reader, out, entries, true).await?
+                self.handle(shared, reader, out, entries, true).await?
             } else {
                 let wait = self
                     .block
@@ -272,17 +303,51 @@ impl StreamConsumer {
                     .arg("STREAMS")
                     .arg(&self.stream)
                     .arg(">")
-                    .query_async::<redis::Value>(&mut reader)
+                    .query_async::<redis::Value>(reader)
                     .await?;
                 *has_read = true;
                 let entries = parse(read_reply(&reply))?;
-                self.handle(shared, &mut reader, out, entries, false)
-                    .await?
+                self.handle(shared, reader, out, entries, false).await?
             };
             if let Some(end) = end {
                 return Ok(end);
             }
             backoff.reset();
+        }
+    }
+
+    /// Reports the group's backlog every [`BACKLOG_EVERY`] until the session ends. It uses the
+    /// acknowledging connection, because the reading one may sit in `XREADGROUP ... BLOCK`
+    /// for up to `block`.
+    async fn measure_backlog(&self, mut connection: MultiplexedConnection) -> Infallible {
+        let mut every = tokio::time::interval(BACKLOG_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let reply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&self.stream)
+                .query_async::<redis::Value>(&mut connection)
+                .await
+                .map_err(|err| err.to_string())
+                .and_then(|reply| group_counts(&reply, &self.group));
+            match reply {
+                Ok(Some(GroupCounts {
+                    pending,
+                    lag: Some(lag),
+                })) => self.backlog.set(lag.saturating_add(pending)),
+                // Redis cannot count the undelivered entries (before 7.0, or past an `XDEL`
+                // ahead of the group): `pending` alone would understate the backlog, possibly
+                // as 0 with a stream full of entries, so it is reported as unknown.
+                Ok(Some(GroupCounts { lag: None, .. })) => self.backlog.forget(),
+                // The group is gone: the reader's next command fails the session on NOGROUP.
+                Ok(None) => self.backlog.forget(),
+                Err(err) => {
+                    debug!(stream = %self.stream, group = %self.group, error = %err,
+                        "cannot read the group's backlog");
+                    self.backlog.forget();
+                }
+            }
         }
     }
 

@@ -173,6 +173,59 @@ pub(super) fn pending_counts(reply: &Reply) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// A consumer group's counts, from `XINFO GROUPS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct GroupCounts {
+    /// Entries delivered to some consumer of the group and not acknowledged.
+    pub(super) pending: u64,
+    /// Entries not delivered to the group yet; `None` when Redis cannot count them (before
+    /// 7.0, or with entries deleted by `XDEL` between the group's position and the end).
+    pub(super) lag: Option<u64>,
+}
+
+/// `group`'s counts in an `XINFO GROUPS` reply: one group per element, each a flat
+/// `[name, value, ...]` array (RESP2) or a map (RESP3). `None` when the group is not listed.
+pub(super) fn group_counts(reply: &Reply, group: &str) -> Result<Option<GroupCounts>, String> {
+    let Reply::Array(groups) = reply else {
+        return Err(format!("unexpected XINFO GROUPS reply {reply:?}"));
+    };
+    for item in groups {
+        let fields: Vec<(String, &Reply)> = match item {
+            Reply::Array(flat) => flat
+                .chunks(2)
+                .filter(|pair| pair.len() == 2)
+                .filter_map(|pair| Some((text(&pair[0])?, &pair[1])))
+                .collect(),
+            Reply::Map(pairs) => pairs
+                .iter()
+                .filter_map(|(name, value)| Some((text(name)?, value)))
+                .collect(),
+            other => return Err(format!("unexpected XINFO GROUPS group {other:?}")),
+        };
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| *value)
+        };
+        if field("name").and_then(text).as_deref() != Some(group) {
+            continue;
+        }
+        let count = |value: &Reply| text(value)?.parse::<u64>().ok();
+        let pending = field("pending").and_then(count).ok_or_else(|| {
+            format!("XINFO GROUPS group {group} without a pending count {item:?}")
+        })?;
+        let lag = match field("lag") {
+            None | Some(Reply::Nil) => None,
+            Some(value) => Some(
+                count(value).ok_or_else(|| format!("XINFO GROUPS group {group}: lag {value:?}"))?,
+            ),
+        };
+        return Ok(Some(GroupCounts { pending, lag }));
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +308,86 @@ mod tests {
             Reply::Int(3),
         ])]);
         assert_eq!(pending_counts(&pending), vec![("1-0".to_string(), 3)]);
+    }
+
+    #[test]
+    fn group_counts_are_read_from_xinfo_groups_in_both_protocols() {
+        let bulk = |s: &str| Reply::BulkString(s.as_bytes().to_vec());
+        // Redis 7, RESP2: a flat array per group; another group comes first.
+        let resp2 = |name: &str, pending: i64, lag: Reply| {
+            Reply::Array(vec![
+                bulk("name"),
+                bulk(name),
+                bulk("consumers"),
+                Reply::Int(1),
+                bulk("pending"),
+                Reply::Int(pending),
+                bulk("last-delivered-id"),
+                bulk("1700000000000-0"),
+                bulk("entries-read"),
+                Reply::Int(7),
+                bulk("lag"),
+                lag,
+            ])
+        };
+        let reply = Reply::Array(vec![
+            resp2("other", 100, Reply::Int(100)),
+            resp2("spate", 3, Reply::Int(40)),
+        ]);
+        assert_eq!(
+            group_counts(&reply, "spate").unwrap(),
+            Some(GroupCounts {
+                pending: 3,
+                lag: Some(40)
+            })
+        );
+        // Entries deleted ahead of the group: Redis answers a nil lag.
+        let reply = Reply::Array(vec![resp2("spate", 3, Reply::Nil)]);
+        assert_eq!(
+            group_counts(&reply, "spate").unwrap(),
+            Some(GroupCounts {
+                pending: 3,
+                lag: None
+            })
+        );
+        // RESP3: a map per group, with simple strings as names.
+        let reply = Reply::Array(vec![Reply::Map(vec![
+            (Reply::SimpleString("name".into()), bulk("spate")),
+            (Reply::SimpleString("pending".into()), Reply::Int(0)),
+            (Reply::SimpleString("lag".into()), Reply::Int(12)),
+        ])]);
+        assert_eq!(
+            group_counts(&reply, "spate").unwrap(),
+            Some(GroupCounts {
+                pending: 0,
+                lag: Some(12)
+            })
+        );
+        // Redis 6.2 has no lag field at all.
+        let reply = Reply::Array(vec![Reply::Array(vec![
+            bulk("name"),
+            bulk("spate"),
+            bulk("consumers"),
+            Reply::Int(0),
+            bulk("pending"),
+            Reply::Int(5),
+            bulk("last-delivered-id"),
+            bulk("0-0"),
+        ])]);
+        assert_eq!(
+            group_counts(&reply, "spate").unwrap(),
+            Some(GroupCounts {
+                pending: 5,
+                lag: None
+            })
+        );
+        // No such group, and no groups at all.
+        assert_eq!(group_counts(&reply, "missing").unwrap(), None);
+        assert_eq!(group_counts(&Reply::Array(vec![]), "spate").unwrap(), None);
+        // Not an XINFO GROUPS reply.
+        assert!(group_counts(&Reply::Nil, "spate").is_err());
+        assert!(group_counts(&Reply::Array(vec![Reply::Int(1)]), "spate").is_err());
+        let without_pending = Reply::Array(vec![Reply::Array(vec![bulk("name"), bulk("spate")])]);
+        assert!(group_counts(&without_pending, "spate").is_err());
     }
 }

@@ -234,6 +234,7 @@ pub fn build(
             claim_idle,
             max_deliveries: config.max_deliveries.max(1),
             pipeline: cx.pipeline,
+            backlog: cx.backlog,
         }) as Box<dyn Source>)
     })
 }

@@ -60,16 +60,23 @@ fn clock(time: jiff::Timestamp) -> String {
         .to_string()
 }
 
-/// One plain status line, e.g. `12:00:01 received=200 queued=40 dead-lettered=0 state=ready |
-/// jobs active=50 succeeded=110 failed=0 | pods pending=3 running=47 succeeded=110 failed=0 |
-/// virtual=50 regular=0 unscheduled=0 | jobs/s=4.0 events/s=4.0`.
+/// One plain status line, e.g. `12:00:01 received=200 queued=40 lag=120 dead-lettered=0
+/// state=ready | jobs active=50 succeeded=110 failed=0 | pods pending=3 running=47
+/// succeeded=110 failed=0 | virtual=50 regular=0 unscheduled=0 | jobs/s=4.0 events/s=4.0`;
+/// `lag=` only when the source tells it.
 pub(super) fn plain_line(time: jiff::Timestamp, counts: &Counts, rates: &Rates) -> String {
     let mut line = clock(time);
     if counts.pipeline_found == Some(true) {
         line.push_str(&format!(
-            " received={} queued={} dead-lettered={} state={} |",
+            " received={} queued={}",
             counts.received.unwrap_or(0),
             counts.queued.unwrap_or(0),
+        ));
+        if let Some(lag) = counts.source_lag {
+            line.push_str(&format!(" lag={lag}"));
+        }
+        line.push_str(&format!(
+            " dead-lettered={} state={} |",
             counts.dead_lettered.unwrap_or(0),
             counts.state.map_or("unknown", |s| s.as_str()),
         ));
@@ -248,6 +255,15 @@ mod tests {
             line.contains(" received=200 queued=40 dead-lettered=1 state=paused | jobs active=50"),
             "{line}"
         );
+        let lagging = Counts {
+            source_lag: Some(1234),
+            ..with_pipeline
+        };
+        let line = plain_line(time, &lagging, &rates);
+        assert!(
+            line.contains(" received=200 queued=40 lag=1234 dead-lettered=1 state=paused |"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -268,6 +284,7 @@ mod tests {
             "state",
             "received",
             "queued",
+            "source_lag",
             "dead_lettered",
             "last_error",
             "jobs_active",
@@ -292,5 +309,13 @@ mod tests {
         assert_eq!(value["nodes"]["spate-virtual-0"], 50);
         assert_eq!(value["events_per_second"], 0.33);
         assert!(value["received"].is_null());
+        assert!(value["source_lag"].is_null());
+        let lagging = Counts {
+            source_lag: Some(1234),
+            ..counts()
+        };
+        let line = json_line(&model, jiff::Timestamp::now(), &lagging, &rates);
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["source_lag"], 1234);
     }
 }

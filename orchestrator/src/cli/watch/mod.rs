@@ -58,7 +58,7 @@ const PIPELINE_POLL: Duration = Duration::from_secs(1);
 /// Docs: docs/watch.md (every panel and field).
 #[derive(Debug, Clone, Args)]
 #[command(
-    after_help = "Examples:\n  spate watch thumbnails                          # the terminal UI\n  spate watch thumbnails -n media --context prod\n  spate watch thumbnails -o plain                 # a line per change\n  spate watch thumbnails -o json | jq -c '{pods_running, jobs_succeeded}'\n  timeout 10m spate watch thumbnails -o plain --until-idle   # CI: wait for the burst to end\n  spate watch thumbnails --kubeconfig /tmp/spate-dev/kubeconfig   # spate dev's cluster\n\nKeys: ↑/↓ or j/k select a Job · Enter its pods and logs · Esc back · q or Ctrl-C quit\n\nA plain line (wrapped here):\n  12:00:01 received=200 queued=40 dead-lettered=0 state=ready\n    | jobs active=50 succeeded=110 failed=0 | pods pending=3 running=47 succeeded=110 failed=0\n    | virtual=50 regular=0 unscheduled=0 | jobs/s=4.0 events/s=4.0\n\nExit status: 0; with --until-idle, 130 when interrupted before the pipeline went idle."
+    after_help = "Examples:\n  spate watch thumbnails                          # the terminal UI\n  spate watch thumbnails -n media --context prod\n  spate watch thumbnails -o plain                 # a line per change\n  spate watch thumbnails -o json | jq -c '{pods_running, jobs_succeeded}'\n  timeout 10m spate watch thumbnails -o plain --until-idle   # CI: wait for the burst to end\n  spate watch thumbnails --kubeconfig /tmp/spate-dev/kubeconfig   # spate dev's cluster\n\nKeys: ↑/↓ or j/k select a Job · Enter its pods and logs · Esc back · q or Ctrl-C quit\n\nA plain line (wrapped here):\n  12:00:01 received=200 queued=40 lag=120 dead-lettered=0 state=ready\n    | jobs active=50 succeeded=110 failed=0 | pods pending=3 running=47 succeeded=110 failed=0\n    | virtual=50 regular=0 unscheduled=0 | jobs/s=4.0 events/s=4.0\n\nExit status: 0; with --until-idle, 130 when interrupted before the pipeline went idle."
 )]
 pub struct WatchArgs {
     /// The pipeline's name: its Pipeline resource, and the `spate.dev/pipeline` label on its
@@ -73,7 +73,8 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub interval: Duration,
     /// Exit 0 once the burst is over: at least one Job was seen, no Job is active, no pod is
-    /// pending or running and the Pipeline (if any) has no queued events, for `--idle-for`.
+    /// pending or running and the Pipeline (if any) has no queued events and no source lag,
+    /// for `--idle-for`.
     #[arg(long)]
     pub until_idle: bool,
     /// How long the pipeline must stay idle for `--until-idle`.

@@ -384,6 +384,9 @@ pub struct Counts {
     pub received: Option<i64>,
     /// Events waiting for or in a Job (Pipeline status `pending`).
     pub queued: Option<i64>,
+    /// Messages the source still holds for the pipeline (Pipeline status `sourceLag`): `null`
+    /// without a Pipeline resource, or when the source cannot tell.
+    pub source_lag: Option<i64>,
     /// Events sent to the dead-letter sink (Pipeline status `deadLettered`).
     pub dead_lettered: Option<i64>,
     /// The Pipeline status' `lastError`.
@@ -790,6 +793,7 @@ impl Model {
                 counts.state = Some(info.state);
                 counts.received = Some(info.status.received);
                 counts.queued = Some(info.status.pending);
+                counts.source_lag = info.status.source_lag;
                 counts.dead_lettered = Some(info.status.dead_lettered);
                 counts.last_error = info.status.last_error.clone();
             }
@@ -873,7 +877,8 @@ impl Model {
     }
 
     /// Nothing left to do: Jobs were seen, none is active, no pod is pending or running, and
-    /// the Pipeline (if any) has no queued events.
+    /// the Pipeline (if any) has no queued events and its source holds none (as far as the
+    /// source can tell).
     pub fn idle(&self) -> bool {
         let counts = self.counts();
         self.synced()
@@ -881,6 +886,7 @@ impl Model {
             && counts.jobs_active == 0
             && counts.in_flight() == 0
             && counts.queued.unwrap_or(0) == 0
+            && counts.source_lag.unwrap_or(0) == 0
     }
 }
 
@@ -1163,7 +1169,8 @@ mod tests {
     fn pipeline_state_and_status() {
         let ready = PipelineInfo::from_parts(
             Some(
-                &json!({"received": 200, "pending": 40, "deadLettered": 2, "extra": 1,
+                &json!({"received": 200, "pending": 40, "deadLettered": 2, "sourceLag": 1234,
+                         "extra": 1,
                          "conditions": [{"type": "Ready", "status": "True", "reason": "Running",
                             "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}),
             ),
@@ -1204,10 +1211,24 @@ mod tests {
         let counts = model.counts();
         assert_eq!(counts.pipeline_found, Some(true));
         assert_eq!(
-            (counts.received, counts.queued, counts.dead_lettered),
-            (Some(200), Some(40), Some(2))
+            (
+                counts.received,
+                counts.queued,
+                counts.dead_lettered,
+                counts.source_lag
+            ),
+            (Some(200), Some(40), Some(2), Some(1234))
         );
         assert_eq!(counts.state, Some(PipelineState::Ready));
+        // A source that cannot tell its lag leaves it unknown, not zero.
+        model.set_pipeline(
+            PipelineView::Found(PipelineInfo::from_parts(
+                Some(&json!({"received": 200})),
+                false,
+            )),
+            now,
+        );
+        assert_eq!(model.counts().source_lag, None);
     }
 
     #[test]
@@ -1303,6 +1324,16 @@ mod tests {
             now,
         );
         assert!(!model.idle());
+        // So do messages the source still holds; a lag the source cannot tell does not.
+        let status = |status: serde_json::Value| {
+            PipelineView::Found(PipelineInfo::from_parts(Some(&status), false))
+        };
+        model.set_pipeline(status(json!({"pending": 0, "sourceLag": 5})), now);
+        assert!(!model.idle());
+        model.set_pipeline(status(json!({"pending": 0, "sourceLag": 0})), now);
+        assert!(model.idle());
+        model.set_pipeline(status(json!({"pending": 0})), now);
+        assert!(model.idle());
     }
 
     #[test]

@@ -422,6 +422,22 @@ fn age(created: Option<jiff::Timestamp>) -> String {
     }
 }
 
+/// `1234567` as `1,234,567`: a broker's backlog can run to millions.
+fn grouped(value: i64) -> String {
+    let digits = value.unsigned_abs().to_string();
+    let mut text = String::with_capacity(digits.len() * 4 / 3 + 1);
+    if value < 0 {
+        text.push('-');
+    }
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            text.push(',');
+        }
+        text.push(digit);
+    }
+    text
+}
+
 fn number(label: &'static str, value: impl std::fmt::Display, color: Color) -> Vec<Span<'static>> {
     vec![
         Span::raw(format!("{label} ")),
@@ -443,6 +459,9 @@ fn draw_header(
         PipelineView::Found(info) => {
             events.extend(number("received", info.status.received, Color::White));
             events.extend(number("queued", info.status.pending, Color::Yellow));
+            if let Some(lag) = info.status.source_lag {
+                events.extend(number("lag", grouped(lag), Color::Yellow));
+            }
             events.extend(number(
                 "dead-lettered",
                 info.status.dead_lettered,
@@ -747,6 +766,7 @@ pub(super) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::watch::model::PipelineInfo;
     use ratatui::Terminal;
     use ratatui::backend::TestBackend;
     use serde_json::json;
@@ -825,6 +845,48 @@ mod tests {
         assert!(app.act(Action::Back, &model));
         assert_eq!(app.view, View::Overview);
         assert!(!app.act(Action::Quit, &model));
+    }
+
+    #[tokio::test]
+    async fn the_header_shows_the_sources_lag_when_it_is_known() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let now = Instant::now();
+        let mut model = Model::new("default", "thumbs", now);
+        model.relist_jobs(&[], now);
+        model.relist_pods(&[]);
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let app = App::new(Api::namespaced(client, "default"), None);
+        let status = |status: serde_json::Value| {
+            PipelineView::Found(PipelineInfo::from_parts(Some(&status), false))
+        };
+        model.set_pipeline(
+            status(json!({"received": 42, "pending": 31, "sourceLag": 1234567})),
+            now,
+        );
+        let text = screen(&app, &model, now);
+        assert!(
+            text.contains("received 42   queued 31   lag 1,234,567   dead-lettered 0"),
+            "{text}"
+        );
+        // A source that cannot tell shows no lag rather than a made-up zero.
+        model.set_pipeline(status(json!({"received": 42, "pending": 31})), now);
+        let text = screen(&app, &model, now);
+        assert!(
+            text.contains("received 42   queued 31   dead-lettered 0"),
+            "{text}"
+        );
+        assert!(!text.contains("lag"), "{text}");
+    }
+
+    #[test]
+    fn large_numbers_are_grouped_by_thousands() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(1234567), "1,234,567");
+        assert_eq!(grouped(-12345), "-12,345");
+        assert_eq!(grouped(i64::MAX), "9,223,372,036,854,775,807");
     }
 
     #[test]
