@@ -4,60 +4,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{AMQP, KillOnDrop, connect_amqp, delete_queues, ids, messages_left, publish};
+use common::{
+    AMQP, connect_amqp, delete_queues, ids, list_jobs_per_event, messages_left, publish,
+    spawn_spate_run, spawn_spate_run_with_metrics,
+};
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use spate_sim::{Faults, SimCluster, SimConfig};
-
-fn spawn_spate(
-    pipeline: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    state: &std::path::Path,
-) -> KillOnDrop {
-    spawn_spate_with_metrics(pipeline, kubeconfig, state, "127.0.0.1:0")
-}
-
-fn spawn_spate_with_metrics(
-    pipeline: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    state: &std::path::Path,
-    metrics: &str,
-) -> KillOnDrop {
-    Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["run", "--metrics-listen", metrics, "--state-dir"])
-        .arg(state)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("-f")
-        .arg(pipeline)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(KillOnDrop)
-        .unwrap()
-}
-
-/// Event id → how many of the pipeline's Jobs carry it.
-///
-/// The observer goes through the same API server as Spate, injected faults included, so it
-/// retries them as any client would instead of failing the test on a 429 or 500.
-async fn jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<String, usize> {
-    let mut attempts = 0;
-    loop {
-        match jobs.list(&ListParams::default().labels(selector)).await {
-            Ok(list) => return common::jobs_per_event(&list.items),
-            Err(error) => {
-                attempts += 1;
-                assert!(attempts < 50, "listing Jobs keeps failing: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
 
 async fn crash_and_recover(name: &str, mode: &str, faults: Faults) {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -100,11 +56,11 @@ spec:
     let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
     let selector = format!("spate.dev/pipeline={name}");
 
-    let mut first = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     // Kill it once part of the burst has Jobs, with creates and acks surely in flight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let covered = jobs_per_event(&jobs, &selector).await.len();
+        let covered = list_jobs_per_event(&jobs, &selector).await.len();
         if covered >= events / 4 {
             break;
         }
@@ -117,10 +73,10 @@ spec:
     first.kill().unwrap();
     first.wait().unwrap();
 
-    let mut second = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let owners = loop {
-        let owners = jobs_per_event(&jobs, &selector).await;
+        let owners = list_jobs_per_event(&jobs, &selector).await;
         if owners.len() == events && messages_left(&connection, &queue).await == 0 {
             break owners;
         }
@@ -210,14 +166,14 @@ spec:
         .local_addr()
         .unwrap()
         .port();
-    let mut spate = spawn_spate_with_metrics(
+    let mut spate = spawn_spate_run_with_metrics(
         &pipeline,
         &kubeconfig,
         &dir.path().join("state"),
         &format!("127.0.0.1:{port}"),
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while jobs_per_event(&jobs, "spate.dev/pipeline=sigterm")
+    while list_jobs_per_event(&jobs, "spate.dev/pipeline=sigterm")
         .await
         .len()
         < 100
@@ -252,7 +208,7 @@ spec:
     // Consumer gone: unacknowledged messages are Ready again. Each message either has its Job
     // (and was acknowledged) or is back in the queue; none is both, none is neither.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let owners = jobs_per_event(&jobs, "spate.dev/pipeline=sigterm").await;
+    let owners = list_jobs_per_event(&jobs, "spate.dev/pipeline=sigterm").await;
     assert!(owners.values().all(|count| *count == 1));
     let left = messages_left(&connection, &queue).await as usize;
     assert!(

@@ -10,14 +10,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{KillOnDrop, Observer, ids, job_template, start_engine};
+use common::{Observer, ids, job_template, list_jobs_per_event, spawn_spate_run, start_engine};
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use spate_sim::{SimCluster, SimConfig};
 
 const MQTT: &str = "mqtt://127.0.0.1:1883";
@@ -135,39 +135,6 @@ fn left_in_session(client_id: &str, topic: &str) -> usize {
     String::from_utf8_lossy(&output.stdout).lines().count()
 }
 
-async fn jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<String, usize> {
-    let mut attempts = 0;
-    loop {
-        match jobs.list(&ListParams::default().labels(selector)).await {
-            Ok(list) => return common::jobs_per_event(&list.items),
-            Err(error) => {
-                attempts += 1;
-                assert!(attempts < 50, "listing Jobs keeps failing: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-fn spawn_spate(
-    pipeline: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    state: &std::path::Path,
-) -> KillOnDrop {
-    Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["run", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("-f")
-        .arg(pipeline)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(KillOnDrop)
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_burst_loses_nothing_and_runs_nothing_twice() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -206,13 +173,13 @@ spec:
     let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
     let selector = format!("spate.dev/pipeline={name}");
 
-    let mut first = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     let topic_for_publish = topic.clone();
     let publisher = std::thread::spawn(move || publish(&topic_for_publish, ids("m", 0, events)));
     // Kill it once part of the burst has Jobs, with creates and acks surely in flight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let covered = jobs_per_event(&jobs, &selector).await.len();
+        let covered = list_jobs_per_event(&jobs, &selector).await.len();
         if covered >= events / 4 {
             break;
         }
@@ -225,16 +192,16 @@ spec:
     first.kill().unwrap();
     first.wait().unwrap();
     publisher.join().unwrap();
-    let covered_at_kill = jobs_per_event(&jobs, &selector).await.len();
+    let covered_at_kill = list_jobs_per_event(&jobs, &selector).await.len();
     assert!(
         covered_at_kill < events,
         "the burst finished before the kill"
     );
 
-    let mut second = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let owners = loop {
-        let owners = jobs_per_event(&jobs, &selector).await;
+        let owners = list_jobs_per_event(&jobs, &selector).await;
         if owners.len() == events {
             break owners;
         }
@@ -269,7 +236,7 @@ spec:
     expected.sort();
     assert_eq!(owners.keys().cloned().collect::<Vec<_>>(), expected);
     // Redelivered copies after the restart found their Jobs: still one per id.
-    assert_eq!(jobs_per_event(&jobs, &selector).await.len(), events);
+    assert_eq!(list_jobs_per_event(&jobs, &selector).await.len(), events);
     assert_eq!(
         left_in_session(&client_id, &topic),
         0,

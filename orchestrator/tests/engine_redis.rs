@@ -9,12 +9,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
-use std::process::{Command, Stdio};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{KillOnDrop, Observer, job_template, redis_cli, start_engine};
+use common::{
+    Observer, job_template, list_jobs_per_event, redis_cli, spawn_spate_run, start_engine,
+};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -110,39 +111,6 @@ spec:
     cluster.shutdown().await;
 }
 
-fn spawn_spate(
-    pipeline: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    state: &std::path::Path,
-) -> KillOnDrop {
-    Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["run", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("-f")
-        .arg(pipeline)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(KillOnDrop)
-        .unwrap()
-}
-
-async fn jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<String, usize> {
-    let mut attempts = 0;
-    loop {
-        match jobs.list(&ListParams::default().labels(selector)).await {
-            Ok(list) => return common::jobs_per_event(&list.items),
-            Err(error) => {
-                attempts += 1;
-                assert!(attempts < 50, "listing Jobs keeps failing: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_burst_then_restart_gives_one_job_per_entry_and_nothing_pending() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -182,10 +150,10 @@ spec:
     let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
     let selector = format!("spate.dev/pipeline={name}");
 
-    let mut first = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let covered = jobs_per_event(&jobs, &selector).await.len();
+        let covered = list_jobs_per_event(&jobs, &selector).await.len();
         if covered >= events / 4 {
             break;
         }
@@ -198,14 +166,14 @@ spec:
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(
-        jobs_per_event(&jobs, &selector).await.len() < events,
+        list_jobs_per_event(&jobs, &selector).await.len() < events,
         "the burst finished before the kill; the test proves nothing"
     );
 
-    let mut second = spawn_spate(&pipeline, &kubeconfig, &dir.path().join("state"));
+    let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let owners = loop {
-        let owners = jobs_per_event(&jobs, &selector).await;
+        let owners = list_jobs_per_event(&jobs, &selector).await;
         if owners.len() == events && pending(&stream, "spate") == 0 {
             break owners;
         }
@@ -362,7 +330,7 @@ spec:
         after.iter().all(|status| status.source_lag.is_some()),
         "the lag stayed known while the source was connected: {after:?}"
     );
-    let owners = jobs_per_event(&jobs, &selector).await;
+    let owners = list_jobs_per_event(&jobs, &selector).await;
     assert_eq!(owners.keys().cloned().collect::<HashSet<_>>(), expected);
     assert_eq!(pending(&stream, "spate"), 0);
 

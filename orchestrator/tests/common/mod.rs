@@ -414,8 +414,18 @@ pub fn spawn_spate_run(
     kubeconfig: &std::path::Path,
     state: &std::path::Path,
 ) -> KillOnDrop {
+    spawn_spate_run_with_metrics(pipeline, kubeconfig, state, "127.0.0.1:0")
+}
+
+/// [`spawn_spate_run`] serving `/metrics` on `metrics`.
+pub fn spawn_spate_run_with_metrics(
+    pipeline: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    state: &std::path::Path,
+    metrics: &str,
+) -> KillOnDrop {
     std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["run", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
+        .args(["run", "--metrics-listen", metrics, "--state-dir"])
         .arg(state)
         .arg("--kubeconfig")
         .arg(kubeconfig)
@@ -428,8 +438,9 @@ pub fn spawn_spate_run(
         .unwrap()
 }
 
-/// [`jobs_per_event`] of the Jobs matching `selector`, listing again while the simulator is
-/// briefly unavailable (a test may be injecting faults).
+/// [`jobs_per_event`] of the Jobs matching `selector`. The test goes through the same API
+/// server as Spate, injected faults included, so it retries them as any client would instead
+/// of failing on a 429 or 500.
 pub async fn list_jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<String, usize> {
     let mut attempts = 0;
     loop {
