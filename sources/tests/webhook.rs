@@ -126,6 +126,7 @@ fn hmac(path: &str) -> WebhookSource {
         auth: WebhookAuth::Hmac(HmacAuth {
             secret: SecretValue::Env("HMAC".into()),
             header: "X-Hub-Signature-256".into(),
+            timestamp: None,
         }),
         max_body_bytes: 1024,
     }

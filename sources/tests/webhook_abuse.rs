@@ -1,10 +1,11 @@
-//! The webhook server under abuse, over real HTTP on loopback: bad credentials, replays,
-//! oversized and never-ending bodies, and floods of bad callers. A good caller must keep being
+//! The webhook server under abuse, over real HTTP on loopback: bad credentials, replays
+//! (refused with timestamped signatures), oversized and never-ending bodies, and floods of bad
+//! callers. A good caller must keep being
 //! served throughout, and no refused request may become an event.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
@@ -13,7 +14,8 @@ use sha2::Sha256;
 use spate_sources::checkpoint::FileCheckpoints;
 use spate_sources::secret::{SecretError, SecretResolver, SecretValue};
 use spate_sources::webhook::{
-    BearerAuth, HmacAuth, WebhookAuth, WebhookServer, WebhookServerConfig, WebhookSource,
+    BearerAuth, HmacAuth, HmacTimestamp, WebhookAuth, WebhookServer, WebhookServerConfig,
+    WebhookSource,
 };
 use spate_sources::{Delivery, SourceContext};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -118,9 +120,37 @@ fn hmac(path: &str) -> WebhookSource {
         auth: WebhookAuth::Hmac(HmacAuth {
             secret: SecretValue::Env("HMAC".into()),
             header: "X-Signature".into(),
+            timestamp: None,
         }),
         max_body_bytes: MAX_BODY,
     }
+}
+
+/// HMAC with a timestamp: `X-Spate-Timestamp`, 5 minutes either way.
+fn timestamped(path: &str) -> WebhookSource {
+    WebhookSource {
+        path: path.to_string(),
+        auth: WebhookAuth::Hmac(HmacAuth {
+            secret: SecretValue::Env("HMAC".into()),
+            header: "X-Signature".into(),
+            timestamp: Some(HmacTimestamp::default()),
+        }),
+        max_body_bytes: MAX_BODY,
+    }
+}
+
+const TOLERANCE_SECS: u64 = 300;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A timestamped signature: of `"<timestamp>.<body>"`.
+fn sign_at(timestamp: &str, body: &str) -> String {
+    sign(&format!("{timestamp}.{body}"))
 }
 
 fn sign_with(secret: &str, body: &str) -> String {
@@ -190,6 +220,9 @@ fn no_event(rx: &mut mpsc::Receiver<Delivery>, what: &str) {
 
 /// A case: its name, the path called, and the headers sent.
 type Case = (&'static str, &'static str, Vec<(&'static str, String)>);
+
+/// A refused case: its name, the headers sent, and what the error message says.
+type Refused = (&'static str, Vec<(&'static str, String)>, &'static str);
 
 #[tokio::test]
 async fn bad_credentials_are_refused_with_401_and_make_no_event() {
@@ -322,12 +355,13 @@ async fn a_wrong_token_is_refused_before_the_body_is_read() {
     no_event(&mut rx, "a refused call");
 }
 
-/// Replay: the server has no replay window (no timestamp or nonce in the signature). A
-/// replayed request with the caller's `Idempotency-Key` is the same event, so it maps to the
-/// same Job name and runs once; a replayed signed request *without* a key is a new event. This
-/// test pins that behaviour; docs/reliability.md lists the gap.
+/// Replay in body-only mode (`hmac` without `timestamp`, kept for existing callers): the
+/// signature has no timestamp, so the server cannot refuse a replay. A replayed request with
+/// the caller's `Idempotency-Key` is the same event, so it maps to the same Job name and runs
+/// once; a replayed signed request *without* a key is a new event. This test pins that
+/// behaviour, which docs/pipeline.md and docs/reliability.md state.
 #[tokio::test]
-async fn a_replayed_request_is_the_same_event_only_with_an_idempotency_key() {
+async fn without_a_timestamp_a_replay_is_the_same_event_only_with_an_idempotency_key() {
     let harness = Harness::start().await;
     let mut rx = harness.source("abuse/replay", hmac("/hooks/replay")).await;
     let body = r#"{"release": "v1.2.3"}"#;
@@ -347,7 +381,7 @@ async fn a_replayed_request_is_the_same_event_only_with_an_idempotency_key() {
         "a replay with the key is the same event"
     );
 
-    // Without a key the signature alone cannot tell a replay from a new call.
+    // Without a key the body-only signature cannot tell a replay from a new call.
     let unkeyed = [("X-Signature", signature.as_str())];
     let first = post(harness.addr(), "/hooks/replay", &unkeyed, body).await;
     let replay = post(harness.addr(), "/hooks/replay", &unkeyed, body).await;
@@ -356,7 +390,7 @@ async fn a_replayed_request_is_the_same_event_only_with_an_idempotency_key() {
     assert_ne!(
         a.event.id(),
         b.event.id(),
-        "replay protection exists now: update this test and docs/reliability.md"
+        "body-only mode refuses replays now: update this test and the docs"
     );
 
     // A replayed key with a tampered body is refused: the signature covers the body only,
@@ -370,6 +404,185 @@ async fn a_replayed_request_is_the_same_event_only_with_an_idempotency_key() {
     .await;
     assert_eq!(tampered.status, 401);
     no_event(&mut rx, "a tampered replay");
+}
+
+/// With `timestamp`, a signed request is accepted once: its replay gets 409, and a request
+/// signed outside the tolerance, without a timestamp, or with a timestamp it was not signed
+/// with gets 401. None of them becomes an event.
+#[tokio::test]
+async fn with_a_timestamp_a_replay_and_a_stale_or_unsigned_timestamp_are_refused() {
+    let harness = Harness::start().await;
+    let mut rx = harness
+        .source("abuse/timestamped", timestamped("/hooks/timestamped"))
+        .await;
+    let addr = harness.addr();
+    let path = "/hooks/timestamped";
+    let body = r#"{"release": "v1.2.3"}"#;
+    let now = unix_now().to_string();
+    let signature = sign_at(&now, body);
+    let fresh = [
+        ("X-Signature", signature.as_str()),
+        ("X-Spate-Timestamp", now.as_str()),
+    ];
+
+    // A fresh, correctly signed request is accepted, and becomes one event.
+    let first = post(addr, path, &fresh, body).await;
+    assert_eq!(first.status, 202, "{first:?}");
+    let event = rx.recv().await.unwrap().event;
+    assert_eq!(event.fields()["data"]["release"], "v1.2.3");
+    assert_eq!(event.fields()["headers"]["x-spate-timestamp"], now.as_str());
+    assert!(event.fields()["headers"].get("x-signature").is_none());
+
+    // The same request again, as sent or with unsigned headers changed, is a replay: 409.
+    let replay = post(addr, path, &fresh, body).await;
+    assert_eq!(replay.status, 409, "{replay:?}");
+    assert!(
+        replay.body["error"].as_str().unwrap().starts_with("replay"),
+        "{replay:?}"
+    );
+    let upper = signature.to_uppercase().replace("SHA256=", "");
+    let disguised = [
+        ("X-Signature", upper.as_str()),
+        ("X-Spate-Timestamp", now.as_str()),
+        ("Idempotency-Key", "another-key"),
+    ];
+    let replay = post(addr, path, &disguised, body).await;
+    assert_eq!(replay.status, 409, "a re-encoded replay: {replay:?}");
+
+    let past = (unix_now() - TOLERANCE_SECS - 60).to_string();
+    let future = (unix_now() + TOLERANCE_SECS + 60).to_string();
+    let earlier = (now.parse::<u64>().unwrap() - 1).to_string();
+    let refused: Vec<Refused> = vec![
+        (
+            "a timestamp older than the tolerance, validly signed",
+            vec![
+                ("X-Signature", sign_at(&past, body)),
+                ("X-Spate-Timestamp", past.clone()),
+            ],
+            "in the past",
+        ),
+        (
+            "a timestamp further ahead than the tolerance, validly signed",
+            vec![
+                ("X-Signature", sign_at(&future, body)),
+                ("X-Spate-Timestamp", future.clone()),
+            ],
+            "in the future",
+        ),
+        (
+            "no timestamp header, the body signed alone",
+            vec![("X-Signature", sign(body))],
+            "missing x-spate-timestamp header",
+        ),
+        (
+            "no timestamp header, a timestamped signature",
+            vec![("X-Signature", signature.clone())],
+            "missing x-spate-timestamp header",
+        ),
+        (
+            "a timestamp that is not unix seconds",
+            vec![
+                ("X-Signature", sign_at("yesterday", body)),
+                ("X-Spate-Timestamp", "yesterday".into()),
+            ],
+            "unix seconds",
+        ),
+        (
+            "a timestamp in milliseconds",
+            vec![
+                ("X-Signature", sign_at(&format!("{now}000"), body)),
+                ("X-Spate-Timestamp", format!("{now}000")),
+            ],
+            "unix seconds",
+        ),
+        (
+            "the timestamp changed without re-signing",
+            vec![
+                ("X-Signature", signature.clone()),
+                ("X-Spate-Timestamp", earlier.clone()),
+            ],
+            "wrong signature",
+        ),
+        (
+            "the body signed alone, with a timestamp header",
+            vec![
+                ("X-Signature", sign(body)),
+                ("X-Spate-Timestamp", now.clone()),
+            ],
+            "wrong signature",
+        ),
+        (
+            "the body changed under a replayed signature",
+            vec![
+                ("X-Signature", signature.clone()),
+                ("X-Spate-Timestamp", now.clone()),
+            ],
+            "wrong signature",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, headers, reason) in &refused {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let sent = if name.starts_with("the body changed") {
+            r#"{"release": "v6.6.6"}"#
+        } else {
+            body
+        };
+        let answer = post(addr, path, &headers, sent).await;
+        let error = answer.body["error"].as_str().unwrap_or_default();
+        if answer.status != 401 || !error.contains(reason) {
+            failures.push(format!("{name}: {answer:?}"));
+        }
+        if answer.body.to_string().contains(HMAC_SECRET) {
+            failures.push(format!("{name}: the answer shows the secret"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    no_event(&mut rx, "a refused timestamped call");
+
+    // A new request (another timestamp, even with the same body) is accepted.
+    let later = (now.parse::<u64>().unwrap() + 1).to_string();
+    let again = post(
+        addr,
+        path,
+        &[
+            ("X-Signature", &sign_at(&later, body)),
+            ("X-Spate-Timestamp", &later),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(again.status, 202, "{again:?}");
+    assert_eq!(
+        rx.recv().await.unwrap().event.fields()["data"]["release"],
+        "v1.2.3"
+    );
+
+    // A signed request Spate refuses for another reason (here a body that is not JSON) is
+    // not remembered: sent again it is refused for that reason, not as a replay.
+    let broken = "{\"release\": ";
+    let signed_broken = sign_at(&now, broken);
+    let headers = [
+        ("X-Signature", signed_broken.as_str()),
+        ("X-Spate-Timestamp", now.as_str()),
+    ];
+    for attempt in 0..2 {
+        let answer = post(addr, path, &headers, broken).await;
+        assert_eq!(answer.status, 400, "attempt {attempt}: {answer:?}");
+    }
+
+    // A stale timestamp is refused from the headers alone, before a huge body is read.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: spate\r\nConnection: close\r\nX-Signature: {}\r\nX-Spate-Timestamp: {past}\r\nContent-Length: 104857600\r\n\r\n",
+        sign_at(&past, body)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("an answer without the body being sent");
+    assert_eq!(answer.status, 401, "{answer:?}");
+    no_event(&mut rx, "a refused timestamped call");
 }
 
 #[tokio::test]

@@ -7,8 +7,14 @@
 //! event's [`crate::Ack`] only logs; a crash between `202` and the Job's creation loses the
 //! event. Callers that need more send an `Idempotency-Key` (or `X-Request-Id`) and retry on
 //! any non-`202`: the key is the event id, so a retried call maps to the same Job instead of
-//! a second one. Every other answer (`401`, `400`, `413`, `408`, `503` with `Retry-After`)
-//! means Spate does not have the event.
+//! a second one. `409` (timestamped HMAC only) means this exact signed request was already
+//! accepted, or is being handled right now. Every other answer (`401`, `400`, `413`, `408`,
+//! `503` with `Retry-After`) means Spate does not have the event.
+//!
+//! Replay protection is opt-in per path (`hmac.timestamp`), because it changes what callers
+//! sign: turning it on by default would make every existing caller's body-only signature fail
+//! with 401 on upgrade. Without it, a captured signed request can be replayed, and only the
+//! caller's `Idempotency-Key` (when it sends one) keeps a replay from becoming a second Job.
 
 mod auth;
 mod server;
@@ -23,10 +29,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::check::Problems;
+use crate::check::{Problems, parse_duration};
 use crate::secret::SecretValue;
 use crate::{Delivery, Source, SourceContext, SourceError};
-use auth::Authenticator;
+use auth::{Authenticator, MAX_SEEN_SIGNATURES, TimestampRule};
 use server::{Endpoint, Registration};
 pub use server::{WebhookServer, WebhookServerConfig};
 
@@ -53,7 +59,8 @@ fn default_max_body_bytes() -> u64 {
 pub enum WebhookAuth {
     /// `Authorization: Bearer <token>`.
     Bearer(BearerAuth),
-    /// An HMAC-SHA256 of the body, hex, in a header (GitHub style `sha256=<hex>` accepted).
+    /// An HMAC-SHA256, hex, in a header (GitHub style `sha256=<hex>` accepted): of the body,
+    /// or with `timestamp`, of `"<timestamp>.<body>"`, which also refuses replays.
     Hmac(HmacAuth),
     /// No authentication. Only for trusted networks.
     None(NoAuth),
@@ -72,11 +79,51 @@ pub struct HmacAuth {
     /// The header carrying the signature.
     #[serde(default = "default_signature_header")]
     pub header: String,
+    /// Timestamped signatures with replay protection. Without it the signature covers the body
+    /// only, and a captured request can be replayed (the caller's `Idempotency-Key` is then the
+    /// only defence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<HmacTimestamp>,
 }
 
 fn default_signature_header() -> String {
     "X-Spate-Signature".to_string()
 }
+
+/// The caller sends the current unix time in seconds in `header` and signs
+/// `"<timestamp>.<raw body>"`. Requests more than `tolerance` from Spate's clock get 401; a
+/// second request with the same signature within the window gets 409.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HmacTimestamp {
+    /// The header carrying the timestamp, in unix seconds.
+    #[serde(default = "default_timestamp_header")]
+    pub header: String,
+    /// How far a timestamp may be from Spate's clock, either way, e.g. `5m`; at most `1h`.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: String,
+}
+
+impl Default for HmacTimestamp {
+    fn default() -> Self {
+        HmacTimestamp {
+            header: default_timestamp_header(),
+            tolerance: default_tolerance(),
+        }
+    }
+}
+
+fn default_timestamp_header() -> String {
+    "X-Spate-Timestamp".to_string()
+}
+
+fn default_tolerance() -> String {
+    "5m".to_string()
+}
+
+/// Longer windows would keep every signature in memory for longer (up to twice the tolerance)
+/// and accept stale requests.
+const MAX_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// An explicit opt-out of webhook authentication.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -100,10 +147,37 @@ impl WebhookSource {
         if self.max_body_bytes == 0 {
             problems.push(format!("{path}.maxBodyBytes"), "must be at least 1");
         }
-        if let WebhookAuth::Hmac(hmac) = &self.auth
-            && hmac.header.trim().is_empty()
-        {
-            problems.push(format!("{path}.auth.hmac.header"), "must name a header");
+        if let WebhookAuth::Hmac(hmac) = &self.auth {
+            if hmac.header.trim().is_empty() {
+                problems.push(format!("{path}.auth.hmac.header"), "must name a header");
+            }
+            if let Some(timestamp) = &hmac.timestamp {
+                let at = format!("{path}.auth.hmac.timestamp");
+                if timestamp.header.trim().is_empty() {
+                    problems.push(format!("{at}.header"), "must name a header");
+                } else if timestamp
+                    .header
+                    .trim()
+                    .eq_ignore_ascii_case(hmac.header.trim())
+                {
+                    problems.push(
+                        format!("{at}.header"),
+                        "must differ from the signature header",
+                    );
+                }
+                let tolerance_path = format!("{at}.tolerance");
+                if let Some(tolerance) = problems.duration(&tolerance_path, &timestamp.tolerance)
+                    && (tolerance.as_secs() == 0 || tolerance > MAX_TOLERANCE)
+                {
+                    problems.push(
+                        tolerance_path,
+                        format!(
+                            "`{}` must be between 1s and 1h (timestamps are whole seconds)",
+                            timestamp.tolerance
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -133,12 +207,22 @@ pub fn build(
             },
             WebhookAuth::Hmac(hmac) => Authenticator::Hmac {
                 secret: cx.secrets.resolve(&hmac.secret).await?.into_bytes(),
-                header: HeaderName::try_from(hmac.header.trim()).map_err(|_| {
-                    SourceError::Config(format!(
-                        "webhook auth.hmac.header `{}` is not a header name",
-                        hmac.header
-                    ))
-                })?,
+                header: header_name(&hmac.header, "header")?,
+                timestamp: match &hmac.timestamp {
+                    Some(timestamp) => Some(TimestampRule::new(
+                        header_name(&timestamp.header, "timestamp.header")?,
+                        parse_duration(&timestamp.tolerance).as_secs(),
+                        MAX_SEEN_SIGNATURES,
+                    )),
+                    None => {
+                        tracing::warn!(
+                            pipeline = %cx.pipeline,
+                            path = %config.path,
+                            "webhook HMAC signatures cover the body only, so a captured request can be replayed; set auth.hmac.timestamp to refuse replays"
+                        );
+                        None
+                    }
+                },
             },
             WebhookAuth::None(_) => Authenticator::None,
         };
@@ -155,6 +239,14 @@ pub fn build(
             out: Mutex::new(None),
         })?;
         Ok(Box::new(WebhookRunner { registration }) as Box<dyn Source>)
+    })
+}
+
+fn header_name(text: &str, field: &str) -> Result<HeaderName, SourceError> {
+    HeaderName::try_from(text.trim()).map_err(|_| {
+        SourceError::Config(format!(
+            "webhook auth.hmac.{field} `{text}` is not a header name"
+        ))
     })
 }
 
@@ -176,5 +268,91 @@ impl Source for WebhookRunner {
             drop(self.registration);
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(source: &WebhookSource) -> Vec<(String, String)> {
+        let mut problems = Problems::new();
+        source.validate("spec.source.webhook", &mut problems);
+        problems.into_vec()
+    }
+
+    fn parse(value: Value) -> WebhookSource {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn hmac_without_timestamp_still_reads_and_stays_body_only() {
+        let source = parse(json!({
+            "path": "/hooks/a",
+            "auth": {"hmac": {"secret": {"env": "S"}, "header": "X-Sig"}},
+        }));
+        let WebhookAuth::Hmac(hmac) = &source.auth else {
+            panic!("{source:?}")
+        };
+        assert_eq!(hmac.timestamp, None);
+        assert!(problems(&source).is_empty());
+        // Written back, it has no `timestamp` key, so the stored resource does not change.
+        let written = serde_json::to_value(&source).unwrap();
+        assert!(
+            written["auth"]["hmac"].get("timestamp").is_none(),
+            "{written}"
+        );
+    }
+
+    #[test]
+    fn an_empty_timestamp_takes_the_defaults() {
+        let source = parse(json!({
+            "path": "/hooks/a",
+            "auth": {"hmac": {"secret": {"env": "S"}, "timestamp": {}}},
+        }));
+        let WebhookAuth::Hmac(hmac) = &source.auth else {
+            panic!("{source:?}")
+        };
+        assert_eq!(hmac.timestamp, Some(HmacTimestamp::default()));
+        assert_eq!(hmac.timestamp.as_ref().unwrap().header, "X-Spate-Timestamp");
+        assert_eq!(hmac.timestamp.as_ref().unwrap().tolerance, "5m");
+        assert!(problems(&source).is_empty());
+        assert!(
+            serde_json::from_value::<WebhookSource>(json!({
+                "path": "/hooks/a",
+                "auth": {"hmac": {"secret": {"env": "S"}, "timestamp": {"window": "5m"}}},
+            }))
+            .is_err(),
+            "unknown fields are refused"
+        );
+    }
+
+    #[test]
+    fn timestamp_fields_are_validated() {
+        let with = |header: &str, tolerance: &str| {
+            problems(&parse(json!({
+                "path": "/hooks/a",
+                "auth": {"hmac": {
+                    "secret": {"env": "S"},
+                    "header": "X-Sig",
+                    "timestamp": {"header": header, "tolerance": tolerance},
+                }},
+            })))
+        };
+        assert!(with("X-Ts", "30s").is_empty());
+        assert!(with("X-Ts", "1h").is_empty());
+        let at = "spec.source.webhook.auth.hmac.timestamp";
+        for (header, tolerance, field) in [
+            (" ", "5m", "header"),
+            ("x-sig", "5m", "header"),
+            ("X-Ts", "0s", "tolerance"),
+            ("X-Ts", "500ms", "tolerance"),
+            ("X-Ts", "2h", "tolerance"),
+            ("X-Ts", "five minutes", "tolerance"),
+        ] {
+            let found = with(header, tolerance);
+            assert_eq!(found.len(), 1, "{header:?} {tolerance:?}: {found:?}");
+            assert_eq!(found[0].0, format!("{at}.{field}"), "{found:?}");
+        }
     }
 }

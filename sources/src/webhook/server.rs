@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::auth::Authenticator;
+use super::auth::{self, Authenticator, Refusal};
 use crate::{Ack, Delivery, Event, Settle, SourceError};
 
 /// How long a caller may take to send its body; a client that stalls mid-body holds only its
@@ -263,9 +263,13 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
 
 async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    // Refuse before reading anything when the caller cannot be right whatever the body says.
-    if let Err(refusal) = endpoint.auth.check_headers(&parts.headers) {
-        return refuse(StatusCode::UNAUTHORIZED, refusal);
+    // Refuse before reading anything when the caller cannot be right whatever the body says
+    // (including a timestamp outside the window).
+    if let Err(refusal) = endpoint
+        .auth
+        .check_headers(&parts.headers, auth::unix_now())
+    {
+        return refused(refusal);
     }
     let declared = parts
         .headers
@@ -301,9 +305,15 @@ async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Respons
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    if let Err(refusal) = endpoint.auth.check_body(&parts.headers, &body) {
-        return refuse(StatusCode::UNAUTHORIZED, refusal);
-    }
+    // With a timestamped signature, `seen` marks it as seen while this request is handled;
+    // it stays marked only if the request is accepted, so a caller can retry any refusal.
+    let seen = match endpoint
+        .auth
+        .check_body(&parts.headers, &body, auth::unix_now())
+    {
+        Ok(seen) => seen,
+        Err(refusal) => return refused(refusal),
+    };
     let data: Value = match serde_json::from_slice(&body) {
         Ok(data) => data,
         Err(error) => {
@@ -341,7 +351,12 @@ async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Respons
         return busy(inner, "the pipeline is not running");
     };
     match tokio::time::timeout(inner.config.handoff_timeout, out.send(delivery)).await {
-        Ok(Ok(())) => (StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response(),
+        Ok(Ok(())) => {
+            if let Some(seen) = seen {
+                seen.keep();
+            }
+            (StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response()
+        }
         Ok(Err(_closed)) => busy(inner, "the pipeline is stopping"),
         Err(_elapsed) => {
             tracing::warn!(
@@ -352,6 +367,16 @@ async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Respons
             busy(inner, "the pipeline is busy; retry later")
         }
     }
+}
+
+fn refused(refusal: Refusal) -> Response {
+    let mut response = refuse(refusal.status, refusal.message);
+    if let Some(seconds) = refusal.retry_after
+        && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 fn too_large(endpoint: &Endpoint) -> Response {
