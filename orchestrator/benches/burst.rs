@@ -1,17 +1,29 @@
-//! The burst benchmark: RabbitMQ messages become Jobs on the simulator, with 5 ms of added
-//! latency on every API request.
+//! The burst benchmark: messages of a source (RabbitMQ, Redis Streams, Kafka or MQTT) become
+//! Jobs on the simulator, with 5 ms of added latency on every API request.
 //!
-//! For 1,000 and 10,000 events, per-event and indexed, it prints: the time until every Job
-//! exists (from `spate run` starting), event-to-Job latency p50/p99 (read from Spate's own
-//! `spate_event_to_job_seconds` histogram, interpolated within its 25%-wide buckets), API
-//! writes per event made by Spate alone (the simulator counts requests per identity, and
-//! Spate runs with its own token), and the orchestrator's peak RSS (it runs as a separate
-//! process, `spate run`, so the simulator's memory is not counted).
+//! For each source, 1,000 and 10,000 events, per-event (and indexed for RabbitMQ), it prints:
+//! the time until every Job exists (from `spate run` starting; for MQTT from the first
+//! publish), event-to-Job latency p50/p99 (read from Spate's own `spate_event_to_job_seconds`
+//! histogram, interpolated within its 25%-wide buckets), API writes per event made by Spate
+//! alone (the simulator counts requests per identity, and Spate runs with its own token), and
+//! the orchestrator's peak RSS (it runs as a separate process, `spate run`, so the simulator's
+//! memory is not counted).
 //!
-//! Run: `cargo bench -p spate --bench burst` (needs RabbitMQ on 127.0.0.1:5672, see
-//! `scripts/services`). `SPATE_BENCH_SIZES=1000` limits the sizes.
+//! Run: `cargo bench -p spate --bench burst`. `SPATE_BENCH_SIZES=1000` limits the sizes;
+//! `SPATE_BENCH_SOURCES=amqp,redis,kafka,mqtt` picks the sources (default `amqp`). Each needs
+//! its broker on 127.0.0.1: RabbitMQ (5672), Redis (6379) and Mosquitto (1883) from
+//! `scripts/services`, Kafka (tansu, 9092) from `scripts/kafka start`.
+//!
+//! Events are published before `spate run` starts, except for MQTT: QoS 1 messages published
+//! before the subscriber's persistent session exists are lost, so the benchmark starts Spate,
+//! waits for its `consuming mqtt topic` log line (written once the broker acknowledged the
+//! subscription), and then publishes.
 
-use std::process::{Command, Stdio};
+use std::collections::VecDeque;
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::{
@@ -19,12 +31,66 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use spate_sim::{Faults, SimCluster, SimConfig};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const REDIS: &str = "redis://127.0.0.1:6379";
+const KAFKA: &str = "127.0.0.1:9092";
+const KAFKA_PARTITIONS: i32 = 4;
+const MQTT_HOST: &str = "127.0.0.1";
+const MQTT_PORT: u16 = 1883;
+/// Mosquitto's default `max_queued_messages`: QoS 1 messages queued for one client beyond
+/// those in flight. More are dropped, so the MQTT publisher keeps fewer than this unread.
+const MQTT_QUEUE: usize = 1000;
 const BATCH: usize = 100;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    Amqp,
+    Redis,
+    Kafka,
+    Mqtt,
+}
+
+impl Source {
+    fn parse(name: &str) -> anyhow::Result<Source> {
+        Ok(match name {
+            "amqp" => Source::Amqp,
+            "redis" => Source::Redis,
+            "kafka" => Source::Kafka,
+            "mqtt" => Source::Mqtt,
+            other => anyhow::bail!(
+                "SPATE_BENCH_SOURCES: unknown source {other:?} (amqp, redis, kafka, mqtt)"
+            ),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Source::Amqp => "amqp",
+            Source::Redis => "redis",
+            Source::Kafka => "kafka",
+            Source::Mqtt => "mqtt",
+        }
+    }
+
+    /// Indexed mode batches events after the source, the same way for every source, so it
+    /// is measured with RabbitMQ alone.
+    fn modes(self) -> &'static [&'static str] {
+        match self {
+            Source::Amqp => &["perEvent", "indexed"],
+            _ => &["perEvent"],
+        }
+    }
+}
 
 struct Row {
+    source: Source,
     events: usize,
     mode: &'static str,
     jobs: usize,
@@ -41,24 +107,36 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1000, 10_000]);
+    let sources: Vec<Source> = match std::env::var("SPATE_BENCH_SOURCES") {
+        Ok(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(Source::parse)
+            .collect::<anyhow::Result<_>>()?,
+        Err(_) => vec![Source::Amqp],
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
-    for events in sizes {
-        for mode in ["perEvent", "indexed"] {
-            eprintln!("bench: {events} events, {mode}...");
-            rows.push(runtime.block_on(run(events, mode))?);
+    for &source in &sources {
+        for &events in &sizes {
+            for &mode in source.modes() {
+                eprintln!("bench: {}, {events} events, {mode}...", source.name());
+                rows.push(runtime.block_on(run(source, events, mode))?);
+            }
         }
     }
     println!();
     println!(
-        "| events | mode | Jobs | every Job exists | event→Job p50 | event→Job p99 | API writes/event | peak RSS |"
+        "| source | events | mode | Jobs | every Job exists | event→Job p50 | event→Job p99 | API writes/event | peak RSS |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         println!(
-            "| {} | {} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.3} | {:.1} MiB |",
+            "| {} | {} | {} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.3} | {:.1} MiB |",
+            row.source.name(),
             row.events,
             row.mode,
             row.jobs,
@@ -72,7 +150,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(events: usize, mode: &'static str) -> anyhow::Result<Row> {
+/// What a source's run leaves to clean up once the burst is measured.
+enum Published {
+    Amqp(Connection),
+    Redis(redis::aio::MultiplexedConnection),
+    Kafka,
+    Mqtt(tokio::task::JoinHandle<anyhow::Result<()>>),
+}
+
+async fn run(source: Source, events: usize, mode: &'static str) -> anyhow::Result<Row> {
     let mut config = SimConfig {
         faults: Faults {
             latency_ms: 5,
@@ -93,8 +179,38 @@ async fn run(events: usize, mode: &'static str) -> anyhow::Result<Row> {
     }
     std::fs::write(&kubeconfig, serde_json::to_string(&as_spate)?)?;
 
-    let queue = format!("spate-bench-{events}-{mode}-{}", std::process::id());
-    let connection = publish(&queue, events).await?;
+    let name = format!(
+        "spate-bench-{}-{events}-{mode}-{}",
+        source.name(),
+        std::process::id()
+    );
+    let mqtt_topic = format!("spate/bench/{name}");
+    let (source_yaml, mut published) = match source {
+        Source::Amqp => (
+            format!("amqp: {{url: \"{AMQP}\", queue: {name}, prefetch: 500}}"),
+            Some(Published::Amqp(publish_amqp(&name, events).await?)),
+        ),
+        Source::Redis => (
+            format!("redisStreams: {{url: \"{REDIS}\", stream: {name}, group: bench, batch: 500}}"),
+            Some(Published::Redis(publish_redis(&name, events).await?)),
+        ),
+        Source::Kafka => {
+            publish_kafka(&name, events).await?;
+            (
+                format!(
+                    "kafka: {{brokers: [\"{KAFKA}\"], topic: {name}, group: {name}, commitInterval: 200ms}}"
+                ),
+                Some(Published::Kafka),
+            )
+        }
+        // Published once Spate has subscribed, below.
+        Source::Mqtt => (
+            format!(
+                "mqtt: {{url: \"mqtt://{MQTT_HOST}:{MQTT_PORT}\", topic: \"{mqtt_topic}\", clientId: {name}, qos: 1}}"
+            ),
+            None,
+        ),
+    };
     let pipeline = dir.path().join("pipeline.yaml");
     std::fs::write(
         &pipeline,
@@ -105,7 +221,7 @@ metadata:
   name: bench
 spec:
   source:
-    amqp: {{url: "{AMQP}", queue: {queue}, prefetch: 500}}
+    {source_yaml}
   fanout: {{mode: {mode}, batchSize: {BATCH}, maxWait: 1s, maxParallelism: {events}, maxJobsPerSecond: 100000, burst: 10000}}
   ttlSecondsAfterFinished: 600
   jobTemplate:
@@ -117,7 +233,7 @@ spec:
         ),
     )?;
     let metrics_port = free_port()?;
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut spate = Command::new(env!("CARGO_BIN_EXE_spate"))
         .args([
             "run",
@@ -130,9 +246,37 @@ spec:
         .arg(&kubeconfig)
         .arg("-f")
         .arg(&pipeline)
+        // Spate's own progress lines (the default filter) tell when MQTT has subscribed.
+        .env(
+            "RUST_LOG",
+            "warn,spate=info,spate_sources=info,kube_client=off",
+        )
+        .env("SPATE_LOG_FORMAT", "text")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
+    let log = Log::follow(&mut spate);
+    if source == Source::Mqtt {
+        let deadline = Instant::now() + TIMEOUT;
+        while !log.subscribed.load(Ordering::SeqCst) {
+            if let Some(status) = spate.try_wait()? {
+                anyhow::bail!("spate run exited ({status}):\n{}", log.tail());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "spate did not subscribe to {mqtt_topic} in {TIMEOUT:?}:\n{}",
+                log.tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        started = Instant::now();
+        published = Some(Published::Mqtt(tokio::spawn(publish_mqtt(
+            mqtt_topic.clone(),
+            name.clone(),
+            events,
+            metrics_port,
+        ))));
+    }
     let jobs = match mode {
         "indexed" => events.div_ceil(BATCH),
         _ => events,
@@ -146,9 +290,19 @@ spec:
         {
             break text;
         }
+        // A publisher that failed ends the run; one that finished is done with.
+        if matches!(&published, Some(Published::Mqtt(publisher)) if publisher.is_finished())
+            && let Some(Published::Mqtt(publisher)) = published.take()
+        {
+            publisher.await??;
+        }
+        if let Some(status) = spate.try_wait()? {
+            anyhow::bail!("spate run exited ({status}):\n{}", log.tail());
+        }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the burst did not finish in 10 minutes"
+            "the burst did not finish in 10 minutes:\n{}",
+            log.tail()
         );
     };
     let all_jobs = started.elapsed();
@@ -166,15 +320,38 @@ spec:
         })
         .map(|row| row.count)
         .sum();
-    let channel = connection.create_channel().await?;
-    let _ = channel
-        .queue_delete(
-            ShortString::from(queue.as_str()),
-            QueueDeleteOptions::default(),
-        )
-        .await;
+    match published {
+        Some(Published::Amqp(connection)) => {
+            let channel = connection.create_channel().await?;
+            let _ = channel
+                .queue_delete(
+                    ShortString::from(name.as_str()),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        Some(Published::Redis(mut connection)) => {
+            let _ = redis::cmd("DEL")
+                .arg(&name)
+                .query_async::<()>(&mut connection)
+                .await;
+        }
+        Some(Published::Kafka) => {
+            let admin: AdminClient<DefaultClientContext> = kafka_config().create()?;
+            let _ = admin
+                .delete_topics(&[name.as_str()], &AdminOptions::new())
+                .await;
+        }
+        Some(Published::Mqtt(publisher)) => publisher.await??,
+        None => {}
+    }
+    if source == Source::Mqtt {
+        // Spate's session (clean session off) would stay at the broker: end it.
+        let _ = end_mqtt_session(&name).await;
+    }
     cluster.shutdown().await;
     Ok(Row {
+        source,
         events,
         mode,
         jobs,
@@ -186,7 +363,46 @@ spec:
     })
 }
 
-async fn publish(queue: &str, count: usize) -> anyhow::Result<Connection> {
+/// Follows `spate run`'s stderr: notes the MQTT subscription and keeps the last lines for
+/// error messages.
+struct Log {
+    subscribed: Arc<AtomicBool>,
+    lines: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Log {
+    fn follow(child: &mut Child) -> Log {
+        let log = Log {
+            subscribed: Arc::new(AtomicBool::new(false)),
+            lines: Arc::new(Mutex::new(VecDeque::new())),
+        };
+        if let Some(stderr) = child.stderr.take() {
+            let subscribed = log.subscribed.clone();
+            let lines = log.lines.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains("consuming mqtt topic") {
+                        subscribed.store(true, Ordering::SeqCst);
+                    }
+                    let mut lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+                    if lines.len() == 20 {
+                        lines.pop_front();
+                    }
+                    lines.push_back(line);
+                }
+            });
+        }
+        log
+    }
+
+    fn tail(&self) -> String {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+async fn publish_amqp(queue: &str, count: usize) -> anyhow::Result<Connection> {
     let connection = Connection::connect(AMQP, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel
@@ -219,6 +435,163 @@ async fn publish(queue: &str, count: usize) -> anyhow::Result<Connection> {
         confirm.await?;
     }
     Ok(connection)
+}
+
+/// `XADD`s `count` entries `data={"n":i}`, pipelined 500 at a time.
+async fn publish_redis(
+    stream: &str,
+    count: usize,
+) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(REDIS)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let _ = redis::cmd("DEL")
+        .arg(stream)
+        .query_async::<()>(&mut connection)
+        .await;
+    let mut from = 0;
+    while from < count {
+        let to = (from + 500).min(count);
+        let mut pipe = redis::pipe();
+        for i in from..to {
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("data")
+                .arg(format!("{{\"n\":{i}}}"))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut connection).await?;
+        from = to;
+    }
+    Ok(connection)
+}
+
+fn kafka_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", KAFKA);
+    config
+}
+
+/// Creates `topic` with 4 partitions and produces `count` records `{"n":i}`, keyed so they
+/// spread over the partitions. One record per batch (`linger.ms=0`, `batch.num.messages=1`):
+/// tansu 0.6 answers a fetch that starts inside a stored batch with nothing, forever
+/// (`sources/tests/support/kafka.rs` does the same).
+async fn publish_kafka(topic: &str, count: usize) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = kafka_config().create()?;
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(
+                topic,
+                KAFKA_PARTITIONS,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(TIMEOUT)),
+        )
+        .await?;
+    for result in created {
+        if let Err((name, code)) = result {
+            anyhow::bail!("creating kafka topic {name}: {code}");
+        }
+    }
+    let producer: FutureProducer = kafka_config()
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .set("batch.num.messages", "1")
+        .create()?;
+    let sends = (0..count).map(|i| {
+        let producer = &producer;
+        async move {
+            let key = format!("key-{i}");
+            let payload = format!("{{\"n\":{i}}}");
+            producer
+                .send(FutureRecord::to(topic).key(&key).payload(&payload), TIMEOUT)
+                .await
+                .map_err(|(err, _)| err)
+        }
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent?;
+    }
+    producer.flush(TIMEOUT)?;
+    Ok(())
+}
+
+/// Publishes `count` messages `{"id":"bench-<i>"}` at QoS 1 and waits for their PUBACKs.
+/// At 1,000 events it never waits for Spate; beyond, it keeps fewer than Mosquitto's queue
+/// limit published and not yet received by Spate, so the broker drops none.
+async fn publish_mqtt(
+    topic: String,
+    name: String,
+    count: usize,
+    metrics_port: u16,
+) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(format!("{name}-pub"), MQTT_HOST, MQTT_PORT);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < count {
+            if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await? {
+                acked += 1;
+            }
+        }
+        anyhow::Ok(eventloop)
+    });
+    let chunk = MQTT_QUEUE / 2;
+    for from in (0..count).step_by(chunk) {
+        let to = (from + chunk).min(count);
+        if to > MQTT_QUEUE {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let received = scrape(metrics_port)
+                    .await
+                    .map(|text| metric_sum(&text, "spate_events_received_total") as usize)
+                    .unwrap_or(0);
+                if to <= received + MQTT_QUEUE {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "spate stopped receiving");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for i in from..to {
+            client
+                .publish(
+                    topic.as_str(),
+                    QoS::AtLeastOnce,
+                    false,
+                    format!("{{\"id\":\"bench-{i}\"}}"),
+                )
+                .await?;
+        }
+    }
+    // Disconnecting earlier would drop PUBACKs still on their way.
+    let mut eventloop = acks.await??;
+    client.disconnect().await?;
+    while !matches!(
+        eventloop.poll().await,
+        Err(_) | Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))
+    ) {}
+    Ok(())
+}
+
+/// Connects as Spate's client id with a clean session, which ends the session Spate left.
+async fn end_mqtt_session(client_id: &str) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+    let mut options = MqttOptions::new(client_id, MQTT_HOST, MQTT_PORT);
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+                client.disconnect().await?;
+                let _ = eventloop.poll().await;
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await?
 }
 
 fn free_port() -> std::io::Result<u16> {
