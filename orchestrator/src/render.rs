@@ -303,9 +303,12 @@ fn dotted_references(text: &str) -> Vec<String> {
             Some('%') => "%}",
             _ => continue,
         };
-        let Some(end) = rest.find(close) else { break };
-        let block = &rest[1..end];
-        rest = &rest[end..];
+        // The closer is looked for after the opener's second character: in `{%}` the `%` that
+        // opens the block would otherwise also be the start of the `%}` that closes it.
+        let body = &rest[1..];
+        let Some(end) = body.find(close) else { break };
+        let block = &body[..end];
+        rest = &body[end..];
         let mut current = String::new();
         for c in block.chars().chain(std::iter::once(' ')) {
             if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
@@ -673,6 +676,21 @@ mod tests {
             ["event.key", "params.width", "event.meta.a"]
         );
         assert!(dotted_references("{ not } {{ 1 + 2 }}").is_empty());
+    }
+
+    #[test]
+    fn a_block_opener_next_to_its_closer_is_refused_not_a_panic() {
+        // Found by the template_render fuzz target: `{%}` made the block's end come before
+        // its start, and slicing it panicked in `spate validate` and in the controller.
+        assert!(dotted_references("{%}}/{{ pipeline.name }}").is_empty());
+        let context = json!({"event": {"id": "1"}, "pipeline": {"name": "p"}});
+        for text in ["{%}", "{%}}/{{ pipeline.name }}", "a{%}{{ event.id }}"] {
+            assert!(render_text(text, &context).is_err(), "{text}");
+        }
+        assert_eq!(
+            template_references(&json!({"args": ["{%}", "{{ event.key }}"]})),
+            ["event.key"]
+        );
     }
 
     #[test]
