@@ -571,7 +571,7 @@ fn broken_pipelines() -> Vec<Broken> {
         ),
         broken(
             "an unknown sink kind",
-            with_spec_line("sinks: {deadLetter: {kafka: {}}}"),
+            with_spec_line("sinks: {deadLetter: {pulsar: {}}}"),
             "spec.sinks.deadLetter",
             Some(8),
             "",
