@@ -98,6 +98,21 @@ impl Problems {
     }
 }
 
+/// A duration field read when a source is built, refused with the source kind and field when
+/// it is not a duration longer than zero (a pipeline not validated first, such as a test's).
+pub fn required_duration(
+    kind: &str,
+    field: &str,
+    text: &str,
+) -> Result<Duration, crate::SourceError> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|duration| !duration.is_zero())
+        .ok_or_else(|| {
+            crate::SourceError::Config(format!("{kind}: {field} `{text}` is not a duration"))
+        })
+}
+
 /// Duration fields are written as text; this reads one already validated.
 pub fn parse_duration(text: &str) -> Duration {
     humantime::parse_duration(text).unwrap_or_default()

@@ -12,7 +12,6 @@ mod offsets;
 mod record;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rdkafka::ClientConfig;
@@ -21,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::check::Problems;
+use crate::check::{Problems, required_duration};
 use crate::{Source, SourceContext, SourceError};
 
 pub use offsets::Offsets;
@@ -249,14 +248,7 @@ pub fn build(
     let config = config.clone();
     let cx = cx.clone();
     Box::pin(async move {
-        let duration = |field: &str, text: &str| -> Result<Duration, SourceError> {
-            humantime::parse_duration(text)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    SourceError::Config(format!("kafka: {field} `{text}` is not a duration"))
-                })
-        };
+        let duration = |field, text| required_duration("kafka", field, text);
         Ok(Box::new(consumer::KafkaConsumer {
             dead_letter_topic: config.dead_letter_topic(),
             commit_interval: duration("commitInterval", &config.commit_interval)?,

@@ -10,14 +10,12 @@
 mod consumer;
 mod entry;
 
-use std::time::Duration;
-
 use futures::future::BoxFuture;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::check::Problems;
+use crate::check::{Problems, required_duration};
 use crate::secret::SecretValue;
 use crate::{Source, SourceContext, SourceError};
 
@@ -211,14 +209,7 @@ pub fn build(
         let client = redis::Client::open(url.as_str()).map_err(|err| {
             SourceError::Config(format!("redisStreams: url {}: {err}", redact_url(&url)))
         })?;
-        let duration = |field: &str, text: &str| -> Result<Duration, SourceError> {
-            humantime::parse_duration(text)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    SourceError::Config(format!("redisStreams: {field} `{text}` is not a duration"))
-                })
-        };
+        let duration = |field, text| required_duration("redisStreams", field, text);
         let block = duration("block", &config.block)?;
         let claim_idle = duration("claimIdle", &config.claim_idle)?;
         Ok(Box::new(consumer::StreamConsumer {
