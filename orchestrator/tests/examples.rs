@@ -977,9 +977,14 @@ async fn webhook_calls_signed_with_the_secret_become_smoke_test_jobs() {
     assert_eq!(call("forged", forged, wrong).await.unwrap().status(), 401);
     let no_url = json!({"service": "checkout"});
     let signature = hmac_sha256(key.as_bytes(), no_url.to_string().as_bytes());
-    assert_eq!(
-        call("no-url", no_url, signature).await.unwrap().status(),
-        202
+    // It cannot become a Job: the caller learns why, and it is dead-lettered.
+    let refused = call("no-url", no_url, signature).await.unwrap();
+    assert_eq!(refused.status(), 422, "{}", spate.log());
+    let answer: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    assert_eq!(answer["deadLettered"], true, "{answer}");
+    assert!(
+        answer["error"].as_str().is_some_and(|e| e.contains("url")),
+        "{answer}"
     );
 
     let expected: BTreeSet<String> = targets.keys().cloned().collect();

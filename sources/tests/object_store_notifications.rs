@@ -21,7 +21,7 @@ use spate_sources::object_store::{
     NotificationTransport, ObjectStoreCredentials, ObjectStoreMode, ObjectStoreSource, build,
 };
 use spate_sources::secret::{SecretError, SecretResolver, SecretValue};
-use spate_sources::webhook::{NoAuth, WebhookAuth, WebhookServer, WebhookSource};
+use spate_sources::webhook::{NoAuth, Respond, WebhookAuth, WebhookServer, WebhookSource};
 use spate_sources::{Delivery, SourceContext};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -318,6 +318,8 @@ async fn notifications_posted_to_a_webhook_become_object_events() {
             path: "/hooks/minio".to_string(),
             auth: WebhookAuth::None(NoAuth {}),
             max_body_bytes: 64 * 1024,
+            respond: Respond::AfterJob,
+            response_timeout: "10s".into(),
         })),
         presign_expiry: None,
     };
@@ -339,30 +341,36 @@ async fn notifications_posted_to_a_webhook_become_object_events() {
         record("s3:ObjectCreated:Put", "photos", "out/skip.pdf", "sss"),
     ]});
     let url = format!("http://{}/hooks/minio", server.local_addr());
-    let http = reqwest::Client::new();
-    // The source attaches to its path as it starts running: post until it is there.
-    let mut status = None;
-    for _ in 0..50 {
-        let response = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(document.to_string())
-            .send()
-            .await
-            .unwrap();
-        if response.status().is_success() {
-            status = Some(response.status());
-            break;
+    // The caller is answered once every object in the notification has its Job, so it posts
+    // from a task while the test plays the engine.
+    let posting = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        // The source attaches to its path as it starts running: post until it is there.
+        for _ in 0..50 {
+            let response = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(document.to_string())
+                .send()
+                .await
+                .unwrap();
+            if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                return response.status();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        status.is_some(),
-        "the webhook never accepted the notification"
-    );
+        panic!("the webhook never took the notification");
+    });
     let delivery = next(&mut rx).await;
     assert_eq!(delivery.event.fields()["key"], json!("in/résumé final.pdf"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !posting.is_finished(),
+        "the caller was answered before the object's Job existed"
+    );
     delivery.ack.ack().await.unwrap();
+    let status = timeout(WAIT, posting).await.unwrap().unwrap();
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
     if let Ok(Some(delivery)) = timeout(Duration::from_millis(300), rx.recv()).await {
         panic!("unexpected delivery {}", delivery.event.to_json());
     }

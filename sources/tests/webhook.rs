@@ -1,5 +1,9 @@
-//! The webhook source over real HTTP on loopback: authentication, limits, idempotency and
-//! backpressure as a caller sees them.
+//! The webhook source over real HTTP on loopback: authentication, limits, idempotency,
+//! backpressure, and when the caller gets its answer, as a caller sees them. The test plays
+//! the engine: it settles each delivery as the engine would once the Job exists (or not).
+//!
+//! Tests of what happens before the hand-off use `respond: onReceipt`, so the test need not
+//! settle every delivery; the `afterJob` tests (the default) come last.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +16,14 @@ use sha2::Sha256;
 use spate_sources::checkpoint::FileCheckpoints;
 use spate_sources::secret::{SecretError, SecretResolver, SecretValue};
 use spate_sources::webhook::{
-    BearerAuth, HmacAuth, NoAuth, WebhookAuth, WebhookServer, WebhookServerConfig, WebhookSource,
+    BearerAuth, HmacAuth, NoAuth, Respond, WebhookAuth, WebhookServer, WebhookServerConfig,
+    WebhookSource,
 };
 use spate_sources::{Delivery, SourceContext};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "hook-token-123";
@@ -117,6 +123,8 @@ fn bearer(path: &str) -> WebhookSource {
             token: SecretValue::Env("TOKEN".into()),
         }),
         max_body_bytes: 1024,
+        respond: Respond::OnReceipt,
+        response_timeout: "10s".into(),
     }
 }
 
@@ -129,6 +137,8 @@ fn hmac(path: &str) -> WebhookSource {
             timestamp: None,
         }),
         max_body_bytes: 1024,
+        respond: Respond::OnReceipt,
+        response_timeout: "10s".into(),
     }
 }
 
@@ -459,4 +469,134 @@ async fn the_server_stops_on_shutdown_and_serves_only_once() {
     let stopped = tokio::time::timeout(Duration::from_secs(5), running).await;
     assert!(matches!(stopped, Ok(Ok(Ok(())))));
     assert!(TcpStream::connect(server.local_addr()).await.is_err());
+}
+
+/// The default answer mode, with a short timeout for the 504 test.
+fn after_job(path: &str, timeout: &str) -> WebhookSource {
+    WebhookSource {
+        respond: Respond::AfterJob,
+        response_timeout: timeout.to_string(),
+        ..bearer(path)
+    }
+}
+
+/// Posts in the background, since with `afterJob` the answer waits for the test to settle.
+fn post_later(addr: SocketAddr, path: &'static str, key: &'static str) -> JoinHandle<Answer> {
+    tokio::spawn(async move {
+        let auth = format!("Bearer {TOKEN}");
+        post(
+            addr,
+            path,
+            &[("Authorization", &auth), ("Idempotency-Key", key)],
+            r#"{"image": "a.jpg"}"#,
+        )
+        .await
+    })
+}
+
+async fn still_waiting(answer: &JoinHandle<Answer>) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !answer.is_finished(),
+        "the caller was answered before the engine settled its event"
+    );
+}
+
+#[tokio::test]
+async fn after_job_the_202_waits_until_the_job_exists() {
+    let harness = Harness::start().await;
+    assert_eq!(
+        serde_json::from_value::<WebhookSource>(json!({
+            "path": "/x", "auth": {"none": {}}
+        }))
+        .unwrap()
+        .respond,
+        Respond::AfterJob,
+        "afterJob is the default"
+    );
+    let mut rx = harness
+        .source("media/g", after_job("/hooks/g", "10s"), 8)
+        .await;
+    let answer = post_later(harness.addr(), "/hooks/g", "upload-1");
+    let delivery = next(&mut rx).await;
+    assert_eq!(delivery.event.id(), "upload-1");
+    still_waiting(&answer).await;
+    delivery.ack.ack().await.unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    assert_eq!(answer.body["id"], "upload-1");
+}
+
+#[tokio::test]
+async fn after_job_a_dead_lettered_event_is_answered_422_with_the_reason() {
+    let harness = Harness::start().await;
+    let mut rx = harness
+        .source("media/h", after_job("/hooks/h", "10s"), 8)
+        .await;
+    let answer = post_later(harness.addr(), "/hooks/h", "upload-2");
+    let delivery = next(&mut rx).await;
+    still_waiting(&answer).await;
+    let reason = "template: `data.size` is missing".to_string();
+    delivery.ack.reject(reason.clone()).await.unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert_eq!(answer.body["error"], reason.as_str());
+    assert_eq!(answer.body["deadLettered"], true);
+    assert_eq!(answer.body["id"], "upload-2");
+}
+
+#[tokio::test]
+async fn after_job_an_event_handed_back_or_dropped_is_answered_503_so_the_caller_retries() {
+    let harness = Harness::start().await;
+    let mut rx = harness
+        .source("media/i", after_job("/hooks/i", "10s"), 8)
+        .await;
+    let handed_back = post_later(harness.addr(), "/hooks/i", "upload-3");
+    next(&mut rx).await.ack.retry().await.unwrap();
+    let handed_back = handed_back.await.unwrap();
+    assert_eq!(handed_back.status, 503, "{}", handed_back.body);
+    assert!(handed_back.header("retry-after").is_some());
+
+    // The engine stopping (or crashing inside the process) drops the delivery unsettled.
+    let dropped = post_later(harness.addr(), "/hooks/i", "upload-4");
+    drop(next(&mut rx).await);
+    let dropped = dropped.await.unwrap();
+    assert_eq!(dropped.status, 503, "{}", dropped.body);
+    let error = dropped.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("retry"), "{error}");
+}
+
+#[tokio::test]
+async fn after_job_a_job_not_confirmed_in_time_is_answered_504_and_still_created() {
+    let harness = Harness::start().await;
+    let mut rx = harness
+        .source("media/j", after_job("/hooks/j", "400ms"), 8)
+        .await;
+    let started = Instant::now();
+    let answer = post_later(harness.addr(), "/hooks/j", "upload-5");
+    let delivery = next(&mut rx).await;
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status, 504, "{}", answer.body);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(answer.body["id"], "upload-5");
+    let error = answer.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("Idempotency-Key"), "{error}");
+    // The engine may still create the Job: settling after the caller has gone is not an error.
+    delivery.ack.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn after_job_a_shutdown_drains_the_callers_waiting_for_their_jobs() {
+    let harness = Harness::start().await;
+    let mut rx = harness
+        .source("media/k", after_job("/hooks/k", "10s"), 8)
+        .await;
+    let answer = post_later(harness.addr(), "/hooks/k", "upload-6");
+    let delivery = next(&mut rx).await;
+    // The server stops taking requests but lets this one finish: the engine's drain creates
+    // the Jobs in flight, and their callers get their 202.
+    harness.shutdown.cancel();
+    still_waiting(&answer).await;
+    delivery.ack.ack().await.unwrap();
+    assert_eq!(answer.await.unwrap().status, 202);
 }

@@ -14,7 +14,7 @@ use sha2::Sha256;
 use spate_sources::checkpoint::FileCheckpoints;
 use spate_sources::secret::{SecretError, SecretResolver, SecretValue};
 use spate_sources::webhook::{
-    BearerAuth, HmacAuth, HmacTimestamp, WebhookAuth, WebhookServer, WebhookServerConfig,
+    BearerAuth, HmacAuth, HmacTimestamp, Respond, WebhookAuth, WebhookServer, WebhookServerConfig,
     WebhookSource,
 };
 use spate_sources::{Delivery, SourceContext};
@@ -111,6 +111,8 @@ fn bearer(path: &str) -> WebhookSource {
             token: SecretValue::Env("TOKEN".into()),
         }),
         max_body_bytes: MAX_BODY,
+        respond: Respond::OnReceipt,
+        response_timeout: "10s".into(),
     }
 }
 
@@ -123,6 +125,8 @@ fn hmac(path: &str) -> WebhookSource {
             timestamp: None,
         }),
         max_body_bytes: MAX_BODY,
+        respond: Respond::OnReceipt,
+        response_timeout: "10s".into(),
     }
 }
 
@@ -136,6 +140,8 @@ fn timestamped(path: &str) -> WebhookSource {
             timestamp: Some(HmacTimestamp::default()),
         }),
         max_body_bytes: MAX_BODY,
+        respond: Respond::OnReceipt,
+        response_timeout: "10s".into(),
     }
 }
 
@@ -583,6 +589,41 @@ async fn with_a_timestamp_a_replay_and_a_stale_or_unsigned_timestamp_are_refused
         .expect("an answer without the body being sent");
     assert_eq!(answer.status, 401, "{answer:?}");
     no_event(&mut rx, "a refused timestamped call");
+}
+
+/// The seen-signature set lives in one process; what keeps a replay sent to a restarted
+/// Spate, or to the other replica, from becoming a second Job is the event id: without an
+/// `Idempotency-Key`, it is derived from the signature, so the replay names the same Job.
+#[tokio::test]
+async fn with_a_timestamp_a_replay_to_another_process_is_the_same_event() {
+    let (first, second) = (Harness::start().await, Harness::start().await);
+    let path = "/hooks/timestamped";
+    let mut from_first = first.source("abuse/restarted", timestamped(path)).await;
+    let mut from_second = second.source("abuse/restarted", timestamped(path)).await;
+    let body = r#"{"release": "v2.0.0"}"#;
+    let now = unix_now().to_string();
+    let signature = sign_at(&now, body);
+    let signed = [
+        ("X-Signature", signature.as_str()),
+        ("X-Spate-Timestamp", now.as_str()),
+    ];
+    let original = post(first.addr(), path, &signed, body).await;
+    let replayed = post(second.addr(), path, &signed, body).await;
+    assert_eq!((original.status, replayed.status), (202, 202));
+    let id = from_first.recv().await.unwrap().event.id().to_string();
+    assert!(id.starts_with("hmac-"), "{id}");
+    assert_eq!(from_second.recv().await.unwrap().event.id(), id);
+    assert_eq!(original.body["id"], id.as_str());
+
+    // A new request with the same body is signed at another second: another event.
+    let later = (now.parse::<u64>().unwrap() + 1).to_string();
+    let signature = sign_at(&later, body);
+    let next = [
+        ("X-Signature", signature.as_str()),
+        ("X-Spate-Timestamp", later.as_str()),
+    ];
+    assert_eq!(post(first.addr(), path, &next, body).await.status, 202);
+    assert_ne!(from_first.recv().await.unwrap().event.id(), id);
 }
 
 #[tokio::test]

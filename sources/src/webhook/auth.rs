@@ -351,6 +351,15 @@ pub(super) struct Seen<'a> {
 }
 
 impl Seen<'_> {
+    /// An event id for a request without an `Idempotency-Key`: the same signed request gives
+    /// the same id in any process, so its Job name.
+    pub(super) fn event_id(&self) -> String {
+        format!(
+            "hmac-{}",
+            data_encoding::HEXLOWER.encode(&self.signature[..16])
+        )
+    }
+
     /// The request was accepted: replays of it are refused until it leaves the window.
     pub(super) fn keep(mut self) {
         self.kept = true;

@@ -1,20 +1,29 @@
 //! Webhooks: a path per pipeline on the process's shared HTTP server, bearer-token or
-//! HMAC-SHA256 authentication, a body size limit, and `202 Accepted` only once the event is
-//! handed to the engine.
+//! HMAC-SHA256 authentication, a body size limit, and `202 Accepted` only once the event's
+//! Job exists.
 //!
-//! Delivery guarantee: `202` means "Spate has it" — the event is in the engine's channel, in
-//! memory. HTTP has no way to settle later with a caller that already has its answer, so the
-//! event's [`crate::Ack`] only logs; a crash between `202` and the Job's creation loses the
-//! event. Callers that need more send an `Idempotency-Key` (or `X-Request-Id`) and retry on
-//! any non-`202`: the key is the event id, so a retried call maps to the same Job instead of
-//! a second one. `409` (timestamped HMAC only) means this exact signed request was already
-//! accepted, or is being handled right now. Every other answer (`401`, `400`, `413`, `408`,
-//! `503` with `Retry-After`) means Spate does not have the event.
+//! Delivery guarantee (`respond: afterJob`, the default): the caller's answer is the event's
+//! acknowledgement, so it waits for the Job. `202` means the Job is in the cluster, and a crash
+//! of Spate at any moment before it leaves the caller without a `202`: a caller that retries
+//! anything else loses nothing. Its retry must send the same `Idempotency-Key` (or
+//! `X-Request-Id`) to map to the same Job rather than a second one; with `hmac.timestamp`, the
+//! signature itself is the event id when no key is sent. `422` means the event was
+//! dead-lettered (retrying cannot help), `504` that the Job was not confirmed within
+//! `responseTimeout` (Spate may still create it: retry with the same key). Every other answer
+//! (`401`, `400`, `413`, `408`, `503` with `Retry-After`) means Spate does not have the event.
+//! `409` (timestamped HMAC only) means this exact signed request was already accepted, or is
+//! being handled right now.
+//!
+//! `respond: onReceipt` answers `202` as soon as the event is in the engine's channel, in
+//! memory: faster for the caller, but a crash between that `202` and the Job loses the event.
 //!
 //! Replay protection is opt-in per path (`hmac.timestamp`), because it changes what callers
 //! sign: turning it on by default would make every existing caller's body-only signature fail
 //! with 401 on upgrade. Without it, a captured signed request can be replayed, and only the
 //! caller's `Idempotency-Key` (when it sends one) keeps a replay from becoming a second Job.
+//! With it, replays are refused with `409` by the process that accepted the original; after a
+//! restart, or on another replica, a replay carries the same signature, so the same event id,
+//! and maps to the Job that already exists.
 
 mod auth;
 mod server;
@@ -47,7 +56,35 @@ pub struct WebhookSource {
     /// Larger bodies are refused with 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// When the caller gets its `202`: `afterJob` (the default) once the event's Job exists,
+    /// or `onReceipt` as soon as the engine holds the event in memory (a crash before its Job
+    /// exists then loses it).
+    #[serde(default)]
+    pub respond: Respond,
+    /// With `respond: afterJob`, how long a caller waits for its Job before getting `504`,
+    /// e.g. `10s`; at most `5m`.
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout: String,
 }
+
+/// When a webhook caller is answered.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Respond {
+    /// Once the event's Job exists: `202` means the work survives a crash of Spate.
+    #[default]
+    AfterJob,
+    /// As soon as the engine holds the event in memory.
+    OnReceipt,
+}
+
+fn default_response_timeout() -> String {
+    "10s".to_string()
+}
+
+/// A caller held longer than this would usually have given up already (many senders, GitHub's
+/// among them, wait 10 s), and every waiting caller holds a connection.
+const MAX_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn default_max_body_bytes() -> u64 {
     1024 * 1024
@@ -147,6 +184,15 @@ impl WebhookSource {
         if self.max_body_bytes == 0 {
             problems.push(format!("{path}.maxBodyBytes"), "must be at least 1");
         }
+        let timeout_path = format!("{path}.responseTimeout");
+        if let Some(timeout) = problems.duration(&timeout_path, &self.response_timeout)
+            && timeout > MAX_RESPONSE_TIMEOUT
+        {
+            problems.push(
+                timeout_path,
+                format!("`{}` must be at most 5m", self.response_timeout),
+            );
+        }
         if let WebhookAuth::Hmac(hmac) = &self.auth {
             if hmac.header.trim().is_empty() {
                 problems.push(format!("{path}.auth.hmac.header"), "must name a header");
@@ -236,6 +282,12 @@ pub fn build(
             pipeline: cx.pipeline.clone(),
             auth,
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
+            respond: match config.respond {
+                Respond::AfterJob => server::Answer::AfterJob {
+                    timeout: parse_duration(&config.response_timeout),
+                },
+                Respond::OnReceipt => server::Answer::OnReceipt,
+            },
             out: Mutex::new(None),
         })?;
         Ok(Box::new(WebhookRunner { registration }) as Box<dyn Source>)
@@ -302,6 +354,35 @@ mod tests {
             written["auth"]["hmac"].get("timestamp").is_none(),
             "{written}"
         );
+    }
+
+    #[test]
+    fn callers_are_answered_after_their_job_by_default_within_bounds() {
+        let source = parse(json!({"path": "/hooks/a", "auth": {"none": {}}}));
+        assert_eq!(source.respond, Respond::AfterJob);
+        assert_eq!(source.response_timeout, "10s");
+        assert!(problems(&source).is_empty());
+        let on_receipt = parse(json!({
+            "path": "/hooks/a", "auth": {"none": {}}, "respond": "onReceipt",
+        }));
+        assert_eq!(on_receipt.respond, Respond::OnReceipt);
+        for (timeout, complaint) in [
+            ("6m", "at most 5m"),
+            ("0s", "longer than zero"),
+            ("soon", "not a duration"),
+        ] {
+            let source = parse(json!({
+                "path": "/hooks/a", "auth": {"none": {}}, "responseTimeout": timeout,
+            }));
+            let found = problems(&source);
+            assert!(
+                found.iter().any(
+                    |(path, message)| path == "spec.source.webhook.responseTimeout"
+                        && message.contains(complaint)
+                ),
+                "{timeout}: {found:?}"
+            );
+        }
     }
 
     #[test]

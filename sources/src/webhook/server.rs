@@ -2,9 +2,10 @@
 //! webhook source, served by a single axum fallback handler so paths can come and go while
 //! the server runs (pipelines are added and removed at run time).
 //!
-//! A request is answered `202 Accepted` only once its delivery is in the engine's channel;
-//! when the channel stays full longer than the hand-off bound the caller gets `503` with
-//! `Retry-After`, so backpressure reaches the caller instead of piling up in memory.
+//! A request is answered `202 Accepted` only once its Job exists (or, with `respond:
+//! onReceipt`, once its delivery is in the engine's channel). When the channel stays full
+//! longer than the hand-off bound the caller gets `503` with `Retry-After`, so backpressure
+//! reaches the caller instead of piling up in memory.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -91,8 +92,17 @@ pub(super) struct Endpoint {
     pub(super) pipeline: String,
     pub(super) auth: Authenticator,
     pub(super) max_body_bytes: usize,
+    pub(super) respond: Answer,
     /// Set while the source runs; until then (and after) callers get 503.
     pub(super) out: Mutex<Option<mpsc::Sender<Delivery>>>,
+}
+
+/// When a caller gets its answer (see the `webhook` module's delivery guarantee).
+pub(super) enum Answer {
+    /// Once the engine has settled the event: its Job exists, or it was dead-lettered.
+    AfterJob { timeout: Duration },
+    /// As soon as the event is in the engine's channel.
+    OnReceipt,
 }
 
 /// Keeps a path registered; dropping it frees the path.
@@ -159,7 +169,7 @@ impl WebhookServer {
     }
 
     /// Answers requests until `shutdown` is cancelled, then lets requests in flight finish
-    /// (each is bounded by the body and hand-off timeouts). Serves once per server.
+    /// (each is bounded by the body, hand-off and response timeouts). Serves once per server.
     pub async fn serve(&self, shutdown: CancellationToken) -> Result<(), SourceError> {
         let listener = lock(&self.inner.listener).take().ok_or_else(|| {
             SourceError::Config(format!(
@@ -209,7 +219,8 @@ impl WebhookServer {
                 }
             });
         }
-        // Requests in flight finish: each is bounded by the header, body and hand-off timeouts.
+        // Requests in flight finish: each is bounded by the header, body, hand-off and
+        // response timeouts.
         connections.close();
         connections.wait().await;
         Ok(())
@@ -324,7 +335,12 @@ async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Respons
         }
     };
     let id = match event_id(&parts.headers) {
-        Ok(id) => id,
+        Ok(Some(key)) => key,
+        // A replay after a restart, or to another replica, carries the same signature, so
+        // it maps to the Job that already exists rather than a second one.
+        Ok(None) => seen
+            .as_ref()
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), auth::Seen::event_id),
         Err(refusal) => return refuse(StatusCode::BAD_REQUEST, refusal),
     };
     let mut fields = Map::new();
@@ -339,11 +355,19 @@ async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Respons
         Ok(event) => event,
         Err(error) => return refuse(StatusCode::BAD_REQUEST, error.to_string()),
     };
+    let (caller, settled) = match endpoint.respond {
+        Answer::AfterJob { timeout } => {
+            let (caller, settled) = oneshot::channel();
+            (Some(caller), Some((settled, timeout)))
+        }
+        Answer::OnReceipt => (None, None),
+    };
     let delivery = Delivery {
         event,
         ack: Ack::new(Accepted {
             pipeline: endpoint.pipeline.clone(),
             id: id.clone(),
+            caller,
         }),
     };
     let out = lock(&endpoint.out).clone();
@@ -351,22 +375,82 @@ async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Respons
         return busy(inner, "the pipeline is not running");
     };
     match tokio::time::timeout(inner.config.handoff_timeout, out.send(delivery)).await {
-        Ok(Ok(())) => {
-            if let Some(seen) = seen {
-                seen.keep();
-            }
-            (StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response()
-        }
-        Ok(Err(_closed)) => busy(inner, "the pipeline is stopping"),
+        Ok(Ok(())) => {}
+        Ok(Err(_closed)) => return busy(inner, "the pipeline is stopping"),
         Err(_elapsed) => {
             tracing::warn!(
                 pipeline = %endpoint.pipeline,
                 path = %endpoint.path,
                 "webhook refused with 503: the engine did not take the event in time"
             );
-            busy(inner, "the pipeline is busy; retry later")
+            return busy(inner, "the pipeline is busy; retry later");
         }
     }
+    let Some((settled, timeout)) = settled else {
+        return accepted(seen, &id);
+    };
+    answer_once_settled(inner, endpoint, seen, &id, settled, timeout).await
+}
+
+/// The answer of a `respond: afterJob` caller: what the engine made of its event, or `504`.
+async fn answer_once_settled(
+    inner: &Inner,
+    endpoint: &Endpoint,
+    seen: Option<auth::Seen<'_>>,
+    id: &str,
+    settled: oneshot::Receiver<Settled>,
+    timeout: Duration,
+) -> Response {
+    match tokio::time::timeout(timeout, settled).await {
+        Ok(Ok(Settled::JobExists)) => accepted(seen, id),
+        Ok(Ok(Settled::DeadLettered(reason))) => {
+            // Sending it again would only dead-letter it again.
+            if let Some(seen) = seen {
+                seen.keep();
+            }
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(json!({"id": id, "error": reason, "deadLettered": true})),
+            )
+                .into_response()
+        }
+        Ok(Ok(Settled::Retry)) => busy(inner, "the event's Job could not be created now; retry"),
+        Ok(Err(_dropped)) => busy(
+            inner,
+            "the pipeline stopped before the event's Job was created; retry",
+        ),
+        Err(_elapsed) => {
+            // Spate still holds the event and may create its Job: a replay is refused as one.
+            if let Some(seen) = seen {
+                seen.keep();
+            }
+            tracing::warn!(
+                pipeline = %endpoint.pipeline,
+                path = %endpoint.path,
+                event = %id,
+                "webhook answered 504: its Job was not confirmed within {}s",
+                timeout.as_secs_f64()
+            );
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                axum::Json(json!({
+                    "id": id,
+                    "error": format!(
+                        "the Job was not confirmed within {}s; Spate may still create it: retry with the same Idempotency-Key to reach the same Job",
+                        timeout.as_secs_f64()
+                    ),
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+fn accepted(seen: Option<auth::Seen<'_>>, id: &str) -> Response {
+    if let Some(seen) = seen {
+        seen.keep();
+    }
+    (StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response()
 }
 
 fn refused(refusal: Refusal) -> Response {
@@ -396,7 +480,7 @@ fn busy(inner: &Inner, message: &str) -> Response {
 }
 
 /// The caller's own request identity when it gave one, so its retries map to the same Job.
-fn event_id(headers: &HeaderMap) -> Result<String, String> {
+fn event_id(headers: &HeaderMap) -> Result<Option<String>, String> {
     for name in ["idempotency-key", "x-request-id"] {
         let Some(value) = headers.get(name) else {
             continue;
@@ -413,9 +497,9 @@ fn event_id(headers: &HeaderMap) -> Result<String, String> {
                 "the {name} header is longer than {MAX_IDEMPOTENCY_KEY_LEN} characters"
             ));
         }
-        return Ok(key.to_string());
+        return Ok(Some(key.to_string()));
     }
-    Ok(uuid::Uuid::new_v4().to_string())
+    Ok(None)
 }
 
 /// Headers as templates see them: lower-case names, credentials removed.
@@ -442,29 +526,55 @@ fn visible_headers(headers: &HeaderMap, auth: &Authenticator) -> Value {
     Value::Object(visible)
 }
 
-/// Settles a webhook event. The caller already has its `202`, which promised only that Spate
-/// holds the event; there is nobody left to tell, so outcomes are logged.
+/// How the engine settled an event, for the caller waiting on its answer.
+enum Settled {
+    JobExists,
+    Retry,
+    DeadLettered(String),
+}
+
+/// Settles a webhook event: tells its caller when one is waiting (`respond: afterJob`), and
+/// logs what nobody is left to hear (`onReceipt`, or a caller already answered `504`).
 struct Accepted {
     pipeline: String,
     id: String,
+    caller: Option<oneshot::Sender<Settled>>,
+}
+
+impl Accepted {
+    /// Whether a waiting caller was told.
+    fn tell(&mut self, settled: Settled) -> bool {
+        self.caller
+            .take()
+            .is_some_and(|caller| caller.send(settled).is_ok())
+    }
 }
 
 impl Settle for Accepted {
-    fn ack(self: Box<Self>) -> futures::future::BoxFuture<'static, Result<(), SourceError>> {
+    fn ack(mut self: Box<Self>) -> futures::future::BoxFuture<'static, Result<(), SourceError>> {
+        if self.caller.is_some() && !self.tell(Settled::JobExists) {
+            tracing::info!(
+                pipeline = %self.pipeline,
+                event = %self.id,
+                "webhook event's Job created after its caller was answered"
+            );
+        }
         Box::pin(async { Ok(()) })
     }
 
-    fn retry(self: Box<Self>) -> futures::future::BoxFuture<'static, Result<(), SourceError>> {
-        tracing::warn!(
-            pipeline = %self.pipeline,
-            event = %self.id,
-            "webhook event could not be handled and cannot be redelivered: the caller already has its 202"
-        );
+    fn retry(mut self: Box<Self>) -> futures::future::BoxFuture<'static, Result<(), SourceError>> {
+        if !self.tell(Settled::Retry) {
+            tracing::warn!(
+                pipeline = %self.pipeline,
+                event = %self.id,
+                "webhook event could not be handled and cannot be redelivered: its caller was already answered"
+            );
+        }
         Box::pin(async { Ok(()) })
     }
 
     fn reject(
-        self: Box<Self>,
+        mut self: Box<Self>,
         reason: String,
     ) -> futures::future::BoxFuture<'static, Result<(), SourceError>> {
         tracing::warn!(
@@ -473,6 +583,7 @@ impl Settle for Accepted {
             %reason,
             "webhook event rejected"
         );
+        self.tell(Settled::DeadLettered(reason));
         Box::pin(async { Ok(()) })
     }
 }
