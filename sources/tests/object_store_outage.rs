@@ -1,12 +1,16 @@
-//! The objectStore source while its S3 server stops answering: moto (`scripts/s3-server`) is
-//! frozen with SIGSTOP in the middle of polling, for longer than a poll interval and the
-//! client's patience, then thawed with SIGCONT. moto keeps its buckets in memory, so a frozen
-//! server is the outage a test can bring back from with the data intact.
+//! The objectStore source while its S3 server stops answering, in the middle of polling and
+//! for longer than a poll interval and the client's patience, in the two ways a server fails:
+//! - it hangs: moto (`scripts/s3-server`) frozen with SIGSTOP, then thawed with SIGCONT;
+//! - it goes away and comes back, as a restarting server process does: its port refuses
+//!   connections and open ones are cut, then it listens again with the same data. moto keeps
+//!   its buckets in memory, so what goes away is a TCP proxy in front of it, standing in for
+//!   the server's process; the data behind it stays, as a real server's on disk does.
 //!
 //! A file of its own: cargo runs test binaries one after another, so freezing the shared
 //! server stalls no other test.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +23,15 @@ use spate_sources::object_store::store::{self, Bucket, BucketConfig};
 use spate_sources::object_store::{ObjectStoreCredentials, ObjectStoreMode, ObjectStoreSource};
 use spate_sources::secret::{SecretError, SecretResolver, SecretValue};
 use spate_sources::{Delivery, SourceContext};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 const ENDPOINT: &str = "http://127.0.0.1:9090";
+
+/// One outage at a time: the frozen server would otherwise also stall the other test.
+static ONE_OUTAGE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// moto accepts any key.
 struct TestKeys;
@@ -90,8 +99,8 @@ async fn receive(deliveries: &mut mpsc::Receiver<Delivery>, seen: &mut Vec<Strin
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn polling_survives_a_frozen_s3_server_and_loses_nothing() {
+/// A new bucket on moto, opened through `endpoint` (moto's own address, or a proxy's).
+async fn create_bucket(name: &str, endpoint: &str) -> Bucket {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/s3-server");
     let status = std::process::Command::new(script)
@@ -99,58 +108,107 @@ async fn polling_survives_a_frozen_s3_server_and_loses_nothing() {
         .status()
         .unwrap();
     assert!(status.success(), "scripts/s3-server start failed");
-    let name = format!("spate-outage-{}", std::process::id());
     let created = reqwest::Client::new()
         .put(format!("{ENDPOINT}/{name}"))
         .send()
         .await
         .unwrap();
     assert!(created.status().is_success(), "{created:?}");
-    let bucket = store::open(
+    store::open(
         BucketConfig {
             url: &format!("s3://{name}"),
-            endpoint: Some(ENDPOINT),
+            endpoint: Some(endpoint),
             region: Some("us-east-1"),
             credentials: Some(&credentials()),
         },
         &TestKeys,
     )
     .await
-    .unwrap();
-    let before: Vec<String> = (0..40).map(|i| format!("in/before-{i:03}.bin")).collect();
-    upload(&bucket, before.clone()).await;
+    .unwrap()
+}
 
-    let state = tempfile::tempdir().unwrap();
-    let config = ObjectStoreSource {
-        url: format!("s3://{name}"),
-        prefix: Some("in/".to_string()),
-        suffix: None,
-        glob: None,
-        endpoint: Some(ENDPOINT.to_string()),
-        region: Some("us-east-1".to_string()),
-        credentials: Some(credentials()),
-        mode: ObjectStoreMode::Poll,
-        poll_interval: "200ms".to_string(),
-        notifications: None,
-        presign_expiry: None,
-    };
-    let cx = SourceContext {
-        pipeline: "default/outage".to_string(),
-        secrets: Arc::new(TestKeys),
-        checkpoints: Arc::new(FileCheckpoints::new(state.path())),
-        state_dir: state.path().to_path_buf(),
-        webhooks: None,
-        backlog: Default::default(),
-    };
-    let source = spate_sources::object_store::build(&config, &cx)
-        .await
-        .unwrap();
-    let (out, mut deliveries) = mpsc::channel(16);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(source.run(out, shutdown.clone()));
+/// A polling source listing `in/` of the bucket `name` every 200 ms through `endpoint`.
+struct Polling {
+    deliveries: mpsc::Receiver<Delivery>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), spate_sources::SourceError>>,
+    _state: tempfile::TempDir,
+}
 
+impl Polling {
+    async fn start(name: &str, endpoint: &str) -> Polling {
+        let state = tempfile::tempdir().unwrap();
+        let config = ObjectStoreSource {
+            url: format!("s3://{name}"),
+            prefix: Some("in/".to_string()),
+            suffix: None,
+            glob: None,
+            endpoint: Some(endpoint.to_string()),
+            region: Some("us-east-1".to_string()),
+            credentials: Some(credentials()),
+            mode: ObjectStoreMode::Poll,
+            poll_interval: "200ms".to_string(),
+            notifications: None,
+            presign_expiry: None,
+        };
+        let cx = SourceContext {
+            pipeline: "default/outage".to_string(),
+            secrets: Arc::new(TestKeys),
+            checkpoints: Arc::new(FileCheckpoints::new(state.path())),
+            state_dir: state.path().to_path_buf(),
+            webhooks: None,
+            backlog: Default::default(),
+        };
+        let source = spate_sources::object_store::build(&config, &cx)
+            .await
+            .unwrap();
+        let (out, deliveries) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(source.run(out, shutdown.clone()));
+        Polling {
+            deliveries,
+            shutdown,
+            task,
+            _state: state,
+        }
+    }
+
+    /// Receives and acknowledges until `seen` holds `until` keys.
+    async fn receive(&mut self, seen: &mut Vec<String>, until: usize) {
+        receive(&mut self.deliveries, seen, until).await;
+    }
+
+    /// After a few more polls: every object before and after the outage, each exactly once.
+    async fn finish(mut self, seen: &[String], expected: BTreeSet<String>) {
+        if let Ok(Some(extra)) =
+            tokio::time::timeout(Duration::from_secs(2), self.deliveries.recv()).await
+        {
+            panic!("delivered again: {}", extra.event.to_json());
+        }
+        let delivered: BTreeSet<String> = seen.iter().cloned().collect();
+        assert_eq!(
+            delivered, expected,
+            "every object before and after the outage"
+        );
+        assert_eq!(seen.len(), expected.len(), "no object delivered twice");
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn keys(stage: &str) -> Vec<String> {
+    (0..40).map(|i| format!("in/{stage}-{i:03}.bin")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_survives_a_frozen_s3_server_and_loses_nothing() {
+    let _alone = ONE_OUTAGE_AT_A_TIME.lock().await;
+    let name = format!("spate-outage-{}", std::process::id());
+    let bucket = create_bucket(&name, ENDPOINT).await;
+    upload(&bucket, keys("before")).await;
+    let mut polling = Polling::start(&name, ENDPOINT).await;
     let mut seen = Vec::new();
-    receive(&mut deliveries, &mut seen, 40).await;
+    polling.receive(&mut seen, 40).await;
 
     // Frozen for many poll intervals: listings in flight hang, later ones cannot connect.
     let frozen = Frozen(moto_pid());
@@ -158,21 +216,79 @@ async fn polling_survives_a_frozen_s3_server_and_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     drop(frozen);
 
-    let after: Vec<String> = (0..40).map(|i| format!("in/after-{i:03}.bin")).collect();
-    upload(&bucket, after.clone()).await;
-    receive(&mut deliveries, &mut seen, 80).await;
-    // A few more polls: nothing acknowledged comes back.
-    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_secs(2), deliveries.recv()).await {
-        panic!("delivered again: {}", extra.event.to_json());
+    upload(&bucket, keys("after")).await;
+    polling.receive(&mut seen, 80).await;
+    let expected = keys("before").into_iter().chain(keys("after")).collect();
+    polling.finish(&seen, expected).await;
+}
+
+/// A TCP proxy to moto on `port`, standing in for an S3 server's process: dropping it closes
+/// the port and cuts every connection through it.
+struct ServerProcess {
+    connections: JoinHandle<()>,
+}
+
+impl ServerProcess {
+    async fn start(port: u16) -> ServerProcess {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let upstream: SocketAddr = ENDPOINT.trim_start_matches("http://").parse().unwrap();
+        let connections = tokio::spawn(async move {
+            // Dropped with this task when the "process" dies, cutting every connection.
+            let mut open = JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                open.spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        ServerProcess { connections }
     }
 
-    let expected: BTreeSet<String> = before.into_iter().chain(after).collect();
-    let delivered: BTreeSet<String> = seen.iter().cloned().collect();
-    assert_eq!(
-        delivered, expected,
-        "every object before and after the outage"
+    fn kill(self) {
+        self.connections.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_survives_the_s3_server_going_away_and_coming_back_with_its_data() {
+    let _alone = ONE_OUTAGE_AT_A_TIME.lock().await;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let name = format!("spate-restart-{}", std::process::id());
+    let bucket = create_bucket(&name, ENDPOINT).await;
+    upload(&bucket, keys("before")).await;
+    let server = ServerProcess::start(port).await;
+    let mut polling = Polling::start(&name, &endpoint).await;
+    let mut seen = Vec::new();
+    // Part of the bucket delivered, the rest in the channel or not yet listed.
+    polling.receive(&mut seen, 20).await;
+
+    server.kill();
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+        "the port still answers"
     );
-    assert_eq!(seen.len(), expected.len(), "no object delivered twice");
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    // Many poll intervals of refused connections, while the deliveries already out are
+    // acknowledged (the checkpoint is on local disk, not on the server).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _server = ServerProcess::start(port).await;
+
+    upload(&bucket, keys("after")).await;
+    polling.receive(&mut seen, 80).await;
+    assert!(
+        !polling.task.is_finished(),
+        "the source gave up during the outage"
+    );
+    let expected = keys("before").into_iter().chain(keys("after")).collect();
+    polling.finish(&seen, expected).await;
 }
