@@ -224,7 +224,36 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
         let invalid = status.conditions.first().is_some_and(|condition| {
             condition.reason == "Invalid" && condition.message.contains("spec.fanout.batchSize")
         });
-        invalid.then_some(()).ok_or(format!("{status:?}"))
+        let reported = status
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("spec.fanout.batchSize"));
+        (invalid && reported)
+            .then_some(())
+            .ok_or(format!("{status:?}"))
+    })
+    .await;
+
+    // Fixed: running again, and the error it no longer has is gone from its status.
+    let fixed = serde_json::json!({"spec": {"fanout": {"batchSize": null}}});
+    pipelines
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&fixed))
+        .await
+        .unwrap();
+    eventually("Running again, lastError cleared", 30, || async {
+        let status = pipelines
+            .get_status("orders")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let running = status
+            .conditions
+            .first()
+            .is_some_and(|condition| condition.reason == "Running");
+        (running && status.last_error.is_none())
+            .then_some(())
+            .ok_or(format!("{status:?}"))
     })
     .await;
 

@@ -175,9 +175,14 @@ async fn write_statuses(client: &kube::Client, managed: &mut HashMap<(String, St
         let mut patch = json!({"status": status});
         // A merge patch keeps the fields it does not name: without an explicit null, a lag
         // that is no longer known (source disconnected, pipeline paused) would stay at its
-        // last reading.
-        if status.source_lag.is_none() {
-            patch["status"]["sourceLag"] = serde_json::Value::Null;
+        // last reading, and an error fixed by a new spec would still be reported.
+        for (field, known) in [
+            ("sourceLag", status.source_lag.is_some()),
+            ("lastError", status.last_error.is_some()),
+        ] {
+            if !known {
+                patch["status"][field] = serde_json::Value::Null;
+            }
         }
         match pipelines
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
