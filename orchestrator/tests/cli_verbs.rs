@@ -336,7 +336,8 @@ async fn get_and_describe_show_pipelines_and_jobs_as_tables_wide_yaml_and_json()
     let pipelines: Api<Pipeline> = Api::namespaced(env.cluster.client(), "default");
     let status = json!({"status": {
         "source": "amqp", "received": 12, "pending": 2, "running": 3, "succeeded": 7,
-        "failed": 1, "deadLettered": 1, "lastError": "cannot render the Job template",
+        "failed": 1, "deadLettered": 1, "sourceLag": 40,
+        "lastError": "cannot render the Job template",
         "conditions": [{"type": "Ready", "status": "True", "reason": "Running",
                         "message": "taking events", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
     }});
@@ -364,6 +365,7 @@ async fn get_and_describe_show_pipelines_and_jobs_as_tables_wide_yaml_and_json()
     for column in [
         "RECEIVED",
         "QUEUED",
+        "LAG",
         "DEAD-LETTERED",
         "PAUSED",
         "READY",
@@ -372,7 +374,11 @@ async fn get_and_describe_show_pipelines_and_jobs_as_tables_wide_yaml_and_json()
         assert!(header.contains(column), "{wide}");
     }
     let row = &rows(&wide)[1];
-    assert_eq!(row[7..12], ["12", "2", "1", "false", "True"], "{wide}");
+    assert_eq!(
+        row[7..13],
+        ["12", "2", "40", "1", "false", "True"],
+        "{wide}"
+    );
     assert!(wide.contains("cannot render the Job template"), "{wide}");
     let all = rows(&env.ok(&["get", "pipeline", "-A"]).await);
     assert_eq!(all[0][0], "NAMESPACE");
@@ -442,6 +448,7 @@ async fn get_and_describe_show_pipelines_and_jobs_as_tables_wide_yaml_and_json()
         "Dead letters:  kubernetesEvent",
         "Received:      12",
         "Dead-lettered: 1",
+        "Source lag:    40",
         "Ready",
         "taking events",
         "Recent Jobs:",

@@ -307,6 +307,11 @@ pub fn describe(pipeline: &Pipeline, jobs: &[Job], events: &[Event], now: Timest
     }
     let _ = writeln!(
         out,
+        "  Source lag:    {}",
+        super::get::lag(status.source_lag)
+    );
+    let _ = writeln!(
+        out,
         "  Last error:    {}",
         status.last_error.as_deref().unwrap_or("<none>")
     );

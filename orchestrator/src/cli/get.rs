@@ -23,7 +23,7 @@ use crate::render::{EVENT_IDS_ANNOTATION, PIPELINE_LABEL};
 /// objects (one object when a NAME is given, else a `List`).
 ///
 /// Pipelines: NAME, SOURCE, MODE, RUNNING, SUCCEEDED, FAILED, AGE; wide adds RECEIVED, QUEUED,
-/// DEAD-LETTERED, PAUSED, READY and LAST ERROR. Jobs (those labelled `spate.dev/pipeline`):
+/// LAG (messages the source still holds), DEAD-LETTERED, PAUSED, READY and LAST ERROR. Jobs (those labelled `spate.dev/pipeline`):
 /// NAME, PIPELINE, COMPLETIONS, STATUS, AGE; wide adds EVENTS (the ids of the events each Job
 /// serves) and NODES (where its pods run).
 #[derive(Debug, Args)]
@@ -128,6 +128,7 @@ async fn pipelines(cluster: &Cluster, args: &GetArgs) -> anyhow::Result<ExitCode
         headers.extend([
             "RECEIVED",
             "QUEUED",
+            "LAG",
             "DEAD-LETTERED",
             "PAUSED",
             "READY",
@@ -157,6 +158,7 @@ async fn pipelines(cluster: &Cluster, args: &GetArgs) -> anyhow::Result<ExitCode
             row.extend([
                 status.received.to_string(),
                 status.pending.to_string(),
+                lag(status.source_lag),
                 status.dead_lettered.to_string(),
                 is_paused(pipeline).to_string(),
                 ready(pipeline),
@@ -394,4 +396,9 @@ pub fn owning_job(pod: &Pod) -> Option<String> {
                 .or_else(|| labels.get("job-name"))
                 .cloned()
         })
+}
+
+/// A source's lag, or `<unknown>` when its protocol does not tell (or it is disconnected).
+pub(super) fn lag(source_lag: Option<i64>) -> String {
+    source_lag.map_or_else(|| "<unknown>".to_string(), |lag| lag.to_string())
 }
