@@ -936,9 +936,20 @@ async fn webhook_calls_signed_with_the_secret_become_smoke_test_jobs() {
 
     let url = format!("http://127.0.0.1:{port}/hooks/deploy-checks");
     let http = reqwest::Client::new();
-    let call = |id: &str, body: Value, signature: String| {
+    // Signed as the example asks: the HMAC of "<unix seconds>.<body>".
+    let sign = |secret: &[u8], body: &Value| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let signature = hmac_sha256(secret, format!("{now}.{body}").as_bytes());
+        (now, signature)
+    };
+    let call = |id: &str, body: Value, (timestamp, signature): (String, String)| {
         http.post(&url)
             .header("Idempotency-Key", id)
+            .header("X-Spate-Timestamp", timestamp)
             .header("X-Spate-Signature", format!("sha256={signature}"))
             .header("content-type", "application/json")
             .body(body.to_string())
@@ -954,12 +965,11 @@ async fn webhook_calls_signed_with_the_secret_become_smoke_test_jobs() {
         .collect();
     for (n, (id, target)) in targets.iter().enumerate() {
         let body = json!({"url": target, "service": "checkout"});
-        let signature = hmac_sha256(key.as_bytes(), body.to_string().as_bytes());
         if n == 0 {
             // The server comes up with the engine: retry the first call until it answers.
             let deadline = Deadline::after(Duration::from_secs(15));
             loop {
-                let answer = call(id, body.clone(), signature.clone()).await;
+                let answer = call(id, body.clone(), sign(key.as_bytes(), &body)).await;
                 if answer.as_ref().is_ok_and(|r| r.status() == 202) {
                     break;
                 }
@@ -968,17 +978,24 @@ async fn webhook_calls_signed_with_the_secret_become_smoke_test_jobs() {
                     .await;
             }
         } else {
-            let status = call(id, body, signature).await.unwrap().status();
+            let signed = sign(key.as_bytes(), &body);
+            let status = call(id, body.clone(), signed.clone())
+                .await
+                .unwrap()
+                .status();
             assert_eq!(status, 202, "{}", spate.log());
+            // The same signed call again, captured and replayed: refused.
+            let replay = call(id, body, signed).await.unwrap().status();
+            assert_eq!(replay, 409, "{}", spate.log());
         }
     }
     let forged = json!({"url": "https://evil.example.test"});
-    let wrong = hmac_sha256(b"not-the-secret", forged.to_string().as_bytes());
+    let wrong = sign(b"not-the-secret", &forged);
     assert_eq!(call("forged", forged, wrong).await.unwrap().status(), 401);
     let no_url = json!({"service": "checkout"});
-    let signature = hmac_sha256(key.as_bytes(), no_url.to_string().as_bytes());
+    let signed = sign(key.as_bytes(), &no_url);
     // It cannot become a Job: the caller learns why, and it is dead-lettered.
-    let refused = call("no-url", no_url, signature).await.unwrap();
+    let refused = call("no-url", no_url, signed).await.unwrap();
     assert_eq!(refused.status(), 422, "{}", spate.log());
     let answer: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
     assert_eq!(answer["deadLettered"], true, "{answer}");
