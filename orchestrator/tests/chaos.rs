@@ -1,7 +1,12 @@
-//! The chaos table: `spate run` killed with SIGKILL five times at random moments during a
-//! 2,000-event burst from RabbitMQ, NATS JetStream, S3 polling, a Redis stream and a Kafka
-//! topic, restarted each time.
+//! The chaos table: a fault injected during a 2,000-event burst, each row one fault and one
+//! source. `spate run` killed with SIGKILL five times at random moments, restarted each
+//! time, under RabbitMQ, NATS JetStream, S3 polling, a Redis stream and a Kafka topic;
+//! RabbitMQ restarted; a nats-server SIGKILLed and restarted; and the leader of two
+//! controller replicas SIGKILLed, the other taking over.
 //! Every event must end with exactly one Job, and nothing may be left unacknowledged.
+//!
+//! Taking the shared RabbitMQ away is safe because this is the only test of its binary and
+//! cargo runs test binaries one after another.
 //!
 //! The table is printed when a scenario fails, and written to the file named by
 //! `SPATE_RELIABILITY_TABLE` (scripts/test sets it and prints it in the CI log).
@@ -11,6 +16,7 @@ mod common;
 mod kafka;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,23 +26,33 @@ use common::{
     AMQP, KillOnDrop, connect_amqp, delete_queues, ids, messages_left, publish, redis_cli,
 };
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, ListParams};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, ListParams, PostParams};
 use rand::{Rng, SeedableRng};
+use spate::pipeline::Pipeline;
 use spate_sim::{SimCluster, SimConfig};
 
 const EVENTS: usize = 2000;
 const KILLS: usize = 5;
+const NATS: &str = "nats://127.0.0.1:4222";
 const S3: &str = "http://127.0.0.1:9090";
 const KAFKA_PARTITIONS: i32 = 4;
+/// JetStream's redelivery timeout, the longest a lost acknowledgement goes unnoticed.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Short, so the surviving replica takes over within seconds rather than the default 15.
+const LEASE_DURATION: Duration = Duration::from_secs(4);
 
 /// One row of the table.
 struct Outcome {
+    fault: String,
     scenario: &'static str,
     events: usize,
     jobs: usize,
     lost: usize,
     duplicates: usize,
     unacknowledged: u64,
+    /// What went wrong with the fault itself, such as a replica that did not take over.
+    problem: Option<String>,
 }
 
 impl Outcome {
@@ -45,51 +61,70 @@ impl Outcome {
             && self.lost == 0
             && self.duplicates == 0
             && self.unacknowledged == 0
+            && self.problem.is_none()
     }
 }
 
 fn table(rows: &[Outcome], seed: u64) -> String {
     let mut out = format!(
-        "SIGKILL x{KILLS} at random moments (seed {seed}), restarted each time\n\n\
-         | scenario | events in | Jobs created | events lost | duplicates | left unacknowledged | result |\n\
-         |---|---:|---:|---:|---:|---:|---|\n"
+        "One fault per row during a {EVENTS}-event burst; SIGKILL moments drawn at random \
+         (seed {seed})\n\n\
+         | fault | scenario | events in | Jobs created | events lost | duplicates | left unacknowledged | result |\n\
+         |---|---|---:|---:|---:|---:|---:|---|\n"
     );
     for row in rows {
+        let result = match (&row.problem, row.passed()) {
+            (_, true) => "pass".to_string(),
+            (None, false) => "FAIL".to_string(),
+            (Some(problem), false) => format!("FAIL: {problem}"),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {result} |",
+            row.fault,
             row.scenario,
             row.events,
             row.jobs,
             row.lost,
             row.duplicates,
             row.unacknowledged,
-            if row.passed() { "pass" } else { "FAIL" }
         );
     }
     out
 }
 
-fn spawn_spate(
-    pipeline: &Path,
-    kubeconfig: &Path,
-    state: &Path,
-    env: &[(&str, &str)],
-) -> KillOnDrop {
-    KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_spate"))
-            .args(["run", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("-f")
-            .arg(pipeline)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+/// What goes wrong during the burst.
+enum Fault {
+    /// `spate run -f` SIGKILLed [`KILLS`] times at random moments, restarted each time.
+    SpateKilled,
+    /// The broker stopped and started (`rabbitmqctl stop_app`, `start_app`); the queue is
+    /// durable and its messages persistent, as they must be to survive it.
+    RabbitMqRestarted,
+    /// The scenario's own nats-server SIGKILLed, started again on its port and store.
+    NatsRestarted(NatsServer),
+    /// Two controller replicas (`spate run` without -f); the holder of the Lease SIGKILLed.
+    LeaderKilled,
+}
+
+impl Fault {
+    fn label(&self) -> String {
+        match self {
+            Fault::SpateKilled => format!("SIGKILL ×{KILLS}"),
+            Fault::RabbitMqRestarted => "RabbitMQ restarted".to_string(),
+            Fault::NatsRestarted(_) => "nats-server SIGKILLed and restarted".to_string(),
+            Fault::LeaderKilled => "leader SIGKILLed, 2 replicas".to_string(),
+        }
+    }
+
+    /// Killing `spate` acts at once, so its bursts run at full speed. The other faults take
+    /// seconds to act (rabbitmqctl, the Lease running out), so their bursts are slower, to
+    /// be under way still when they hit.
+    fn jobs_per_second(&self) -> u32 {
+        match self {
+            Fault::SpateKilled => 2000,
+            _ => 200,
+        }
+    }
 }
 
 /// Event id → Jobs carrying it; the observer retries the API like any client.
@@ -107,11 +142,23 @@ async fn jobs_per_event(jobs: &Api<Job>, pipeline: &str) -> (usize, BTreeMap<Str
 /// What differs between sources: how the burst is published, the pipeline's source, and
 /// how to tell that nothing is left unacknowledged.
 enum Source {
-    Amqp { queue: String },
-    JetStream { stream: String, subject: String },
-    S3 { bucket: String },
-    RedisStream { stream: String },
-    Kafka { topic: String },
+    Amqp {
+        queue: String,
+    },
+    JetStream {
+        url: String,
+        stream: String,
+        subject: String,
+    },
+    S3 {
+        bucket: String,
+    },
+    RedisStream {
+        stream: String,
+    },
+    Kafka {
+        topic: String,
+    },
 }
 
 impl Source {
@@ -121,8 +168,12 @@ impl Source {
                 let connection = connect_amqp().await;
                 publish(&connection, queue, ids("m", 0, EVENTS)).await;
             }
-            Source::JetStream { stream, subject } => {
-                let jetstream = jetstream().await;
+            Source::JetStream {
+                url,
+                stream,
+                subject,
+            } => {
+                let jetstream = jetstream(url).await;
                 jetstream
                     .create_stream(async_nats::jetstream::stream::Config {
                         name: stream.clone(),
@@ -195,9 +246,14 @@ impl Source {
             Source::Amqp { queue } => {
                 format!("amqp: {{url: \"{AMQP}\", queue: {queue}, prefetch: 200}}")
             }
-            Source::JetStream { stream, subject } => format!(
-                "nats: {{url: \"nats://127.0.0.1:4222\", subject: {subject}, \
-                 jetstream: {{stream: {stream}, durable: chaos, ackWait: 30s}}}}"
+            Source::JetStream {
+                url,
+                stream,
+                subject,
+            } => format!(
+                "nats: {{url: \"{url}\", subject: {subject}, \
+                 jetstream: {{stream: {stream}, durable: chaos, ackWait: {ack_wait}s}}}}",
+                ack_wait = ACK_WAIT.as_secs()
             ),
             Source::RedisStream { stream } => format!(
                 "redisStreams: {{url: \"redis://127.0.0.1:6379\", stream: {stream}, group: chaos, \
@@ -218,14 +274,15 @@ impl Source {
         }
     }
 
-    /// Messages the broker still holds for the pipeline, read while `spate` is stopped.
+    /// Messages the broker still holds for the pipeline, read while `spate` is stopped:
+    /// while it runs, RabbitMQ counts none of those it holds unacknowledged.
     /// Polling has no acknowledgement: its promise is the checkpoint, which the duplicate
     /// count checks.
     async fn unacknowledged(&self) -> u64 {
         match self {
             Source::Amqp { queue } => u64::from(messages_left(&connect_amqp().await, queue).await),
-            Source::JetStream { stream, .. } => {
-                let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream()
+            Source::JetStream { url, stream, .. } => {
+                let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream(url)
                     .await
                     .get_stream(stream)
                     .await
@@ -257,11 +314,21 @@ impl Source {
         }
     }
 
+    /// Waits, at most `timeout`, until the broker holds nothing unacknowledged for the
+    /// pipeline. An acknowledgement lost to a fault is made good only when the message comes
+    /// again, for JetStream after `ackWait`, and is acknowledged against its existing Job.
+    async fn settle(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.unacknowledged().await > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     async fn clean_up(&self) {
         match self {
             Source::Amqp { queue } => delete_queues(&connect_amqp().await, &[queue]).await,
-            Source::JetStream { stream, .. } => {
-                let _ = jetstream().await.delete_stream(stream).await;
+            Source::JetStream { url, stream, .. } => {
+                let _ = jetstream(url).await.delete_stream(stream).await;
             }
             Source::RedisStream { stream } => {
                 redis_cli(&[format!("DEL {stream}")]);
@@ -272,28 +339,122 @@ impl Source {
     }
 }
 
-async fn jetstream() -> async_nats::jetstream::Context {
-    let nats = async_nats::connect("nats://127.0.0.1:4222")
+async fn jetstream(url: &str) -> async_nats::jetstream::Context {
+    let nats = async_nats::connect(url)
         .await
-        .expect("NATS on 127.0.0.1:4222 (scripts/services starts it)");
+        .unwrap_or_else(|error| panic!("NATS on {url} (scripts/services starts 4222): {error}"));
     async_nats::jetstream::new(nats)
 }
 
-async fn run_scenario(
+/// A nats-server of the scenario's own, on a free port with its JetStream store in a
+/// temporary directory, so that killing it leaves the machine's shared server alone.
+struct NatsServer {
+    port: u16,
+    store: tempfile::TempDir,
+    process: KillOnDrop,
+}
+
+impl NatsServer {
+    async fn start() -> NatsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = tempfile::tempdir().unwrap();
+        let process = Self::spawn(port, store.path()).await;
+        NatsServer {
+            port,
+            store,
+            process,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(port: u16, store: &Path) -> KillOnDrop {
+        let process = KillOnDrop(
+            Command::new("nats-server")
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(store)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server installed (scripts/services)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "nats-server listens within 10s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        process
+    }
+
+    /// SIGKILL: no chance to write what it holds in memory.
+    fn kill(&mut self) {
+        self.process.kill().unwrap();
+        self.process.wait().unwrap();
+    }
+
+    /// On the same port and store.
+    async fn start_again(&mut self) {
+        self.process = Self::spawn(self.port, self.store.path()).await;
+    }
+}
+
+async fn rabbitmqctl(command: &str) {
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("rabbitmqctl")
+            .arg(command)
+            .stdout(Stdio::null())
+            .status(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("rabbitmqctl {command} within 60s"))
+    .unwrap_or_else(|error| panic!("rabbitmqctl {command}: {error}"));
+    assert!(status.success(), "rabbitmqctl {command}: {status}");
+}
+
+async fn lease_holder(cluster: &SimCluster) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), "default");
+    leases
+        .get("spate-controller")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|spec| spec.holder_identity)
+}
+
+/// A pipeline on a simulated cluster of its own, and how `spate run` is started on it.
+struct Bench {
     scenario: &'static str,
-    name: &str,
-    source: Source,
-    rng: &mut rand::rngs::StdRng,
-) -> Outcome {
-    source.publish().await;
-    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    cluster.write_kubeconfig(&kubeconfig).unwrap();
-    let pipeline = dir.path().join("pipeline.yaml");
-    std::fs::write(
-        &pipeline,
-        format!(
+    name: &'static str,
+    cluster: SimCluster,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    manifest: String,
+    file: PathBuf,
+    jobs: Api<Job>,
+}
+
+impl Bench {
+    async fn start(
+        scenario: &'static str,
+        name: &'static str,
+        source: &Source,
+        jobs_per_second: u32,
+    ) -> Bench {
+        let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        cluster.write_kubeconfig(&kubeconfig).unwrap();
+        let manifest = format!(
             r#"apiVersion: spate.dev/v1alpha1
 kind: Pipeline
 metadata:
@@ -301,7 +462,7 @@ metadata:
 spec:
   source:
     {source}
-  fanout: {{maxParallelism: 2000, maxJobsPerSecond: 2000, burst: 500}}
+  fanout: {{maxParallelism: 2000, maxJobsPerSecond: {jobs_per_second}, burst: {burst}}}
   retry: {{maxAttempts: 20, initialBackoff: 50ms, maxBackoff: 1s}}
   ttlSecondsAfterFinished: 3600
   jobTemplate:
@@ -310,70 +471,226 @@ spec:
         spec:
           containers: [{{name: work, image: busybox}}]
 "#,
-            source = source.source_yaml()
-        ),
-    )
-    .unwrap();
-    // S3 credentials for the object-store scenario; moto accepts any.
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-    ];
-    let state = dir.path().join("state");
-    let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
+            source = source.source_yaml(),
+            burst = jobs_per_second / 4
+        );
+        let file = dir.path().join("pipeline.yaml");
+        std::fs::write(&file, &manifest).unwrap();
+        let jobs = Api::namespaced(cluster.client(), "default");
+        Bench {
+            scenario,
+            name,
+            cluster,
+            dir,
+            kubeconfig,
+            manifest,
+            file,
+            jobs,
+        }
+    }
 
-    let mut spate = spawn_spate(&pipeline, &kubeconfig, &state, &env);
-    for kill in 1..=KILLS {
-        // Spread the kills over the burst, each at a random moment within its stretch.
-        let target = EVENTS * kill / (KILLS + 2) + rng.random_range(0..EVENTS / (KILLS + 2));
-        let deadline = Instant::now() + Duration::from_secs(90);
+    /// `spate run` with `args` and a state directory of its own, named `state`.
+    fn spawn<I, S>(&self, state: &str, args: I) -> KillOnDrop
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_spate"))
+                .args(["run", "--metrics-listen", "127.0.0.1:0", "--state-dir"])
+                .arg(self.dir.path().join(state))
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args)
+                // For the object-store scenario; moto accepts any.
+                .envs([
+                    ("AWS_ACCESS_KEY_ID", "test"),
+                    ("AWS_SECRET_ACCESS_KEY", "test"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// `spate run -f` on the pipeline file; its restarts share its state.
+    fn spawn_from_file(&self) -> KillOnDrop {
+        self.spawn("state", [OsStr::new("-f"), self.file.as_os_str()])
+    }
+
+    /// How many events have Jobs once `target` do or `timeout` has passed.
+    async fn events_with_jobs(&self, target: usize, timeout: Duration, poll: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
         loop {
-            let (_, owners) = jobs_per_event(&jobs, name).await;
-            if owners.len() >= target {
-                break;
+            let (_, owners) = jobs_per_event(&self.jobs, self.name).await;
+            if owners.len() >= target || Instant::now() >= deadline {
+                return owners.len();
             }
-            assert!(
-                Instant::now() < deadline,
-                "{scenario}: stuck at {} of {target} events before kill {kill}",
-                owners.len()
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Waits until `target` events have Jobs, the moment for `fault`.
+    async fn reach(&self, target: usize, fault: &str, poll: Duration) {
+        let reached = self
+            .events_with_jobs(target, Duration::from_secs(90), poll)
+            .await;
+        assert!(
+            reached >= target,
+            "{}: stuck at {reached} of {target} events before {fault}",
+            self.scenario
+        );
+    }
+
+    /// Injects `fault` during the burst; the `spate` left running, and what went wrong with
+    /// the fault itself.
+    async fn inject(
+        &self,
+        fault: &mut Fault,
+        rng: &mut rand::rngs::StdRng,
+    ) -> (KillOnDrop, Option<String>) {
+        const ONE_THIRD: usize = EVENTS / 3;
+        const POLL: Duration = Duration::from_millis(50);
+        match fault {
+            Fault::SpateKilled => {
+                let mut spate = self.spawn_from_file();
+                for kill in 1..=KILLS {
+                    // Spread the kills over the burst, each at a random moment within its
+                    // stretch.
+                    let target =
+                        EVENTS * kill / (KILLS + 2) + rng.random_range(0..EVENTS / (KILLS + 2));
+                    let poll = Duration::from_millis(rng.random_range(10..60));
+                    self.reach(target, &format!("kill {kill}"), poll).await;
+                    spate.kill().unwrap();
+                    spate.wait().unwrap();
+                    spate = self.spawn_from_file();
+                }
+                (spate, None)
+            }
+            Fault::RabbitMqRestarted => {
+                let spate = self.spawn_from_file();
+                self.reach(ONE_THIRD, "the broker's restart", POLL).await;
+                rabbitmqctl("stop_app").await;
+                let problem = self.after_the_burst("the broker stopped").await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                rabbitmqctl("start_app").await;
+                (spate, problem)
+            }
+            Fault::NatsRestarted(server) => {
+                let spate = self.spawn_from_file();
+                self.reach(ONE_THIRD, "the server's SIGKILL", POLL).await;
+                server.kill();
+                let problem = self.after_the_burst("the server was killed").await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                server.start_again().await;
+                (spate, problem)
+            }
+            Fault::LeaderKilled => self.fail_over(ONE_THIRD, POLL).await,
+        }
+    }
+
+    /// Two controller replicas run the pipeline as a Pipeline resource; the Lease's holder is
+    /// SIGKILLed once `target` events have Jobs and the other must take the Lease over.
+    async fn fail_over(&self, target: usize, poll: Duration) -> (KillOnDrop, Option<String>) {
+        common::install_crd(&self.cluster).await;
+        let [first, second] = ["chaos-a", "chaos-b"].map(|identity| {
+            let replica = self.spawn(
+                identity,
+                [
+                    "--identity",
+                    identity,
+                    "--lease-duration",
+                    &format!("{}s", LEASE_DURATION.as_secs()),
+                    "--webhook-listen",
+                    "127.0.0.1:0",
+                    "-n",
+                    "default",
+                ],
             );
-            tokio::time::sleep(Duration::from_millis(rng.random_range(10..60))).await;
+            (identity, replica)
+        });
+        let mut pipeline = spate::pipeline::load_str(&self.manifest, "chaos.yaml")
+            .unwrap()
+            .remove(0)
+            .pipeline;
+        pipeline.metadata.namespace = Some("default".to_string());
+        Api::<Pipeline>::namespaced(self.cluster.client(), "default")
+            .create(&PostParams::default(), &pipeline)
+            .await
+            .unwrap();
+        self.reach(target, "the leader's SIGKILL", poll).await;
+        let holder = lease_holder(&self.cluster).await;
+        let ((_, mut leader), (survivor, replica)) = if holder.as_deref() == Some(first.0) {
+            (first, second)
+        } else {
+            assert_eq!(holder.as_deref(), Some(second.0), "the Lease's holder");
+            (second, first)
+        };
+        leader.kill().unwrap();
+        leader.wait().unwrap();
+        let mut problem = self.after_the_burst("the leader was killed").await;
+        // It expires LEASE_DURATION after the last renewal; the survivor tries every third.
+        let deadline = Instant::now() + 3 * LEASE_DURATION;
+        let mut holder = lease_holder(&self.cluster).await;
+        while holder.as_deref() != Some(survivor) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            holder = lease_holder(&self.cluster).await;
         }
-        spate.kill().unwrap();
-        spate.wait().unwrap();
-        spate = spawn_spate(&pipeline, &kubeconfig, &state, &env);
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, owners) = jobs_per_event(&jobs, name).await;
-        if owners.len() >= EVENTS || Instant::now() >= deadline {
-            break;
+        if holder.as_deref() != Some(survivor) {
+            problem = Some(format!(
+                "{survivor} did not take the Lease over ({holder:?})"
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        (replica, problem)
     }
+
+    /// A single fault must hit the burst under way: a fault that lands after it says nothing.
+    async fn after_the_burst(&self, fault: &str) -> Option<String> {
+        let (_, owners) = jobs_per_event(&self.jobs, self.name).await;
+        (owners.len() >= EVENTS).then(|| format!("the burst was over when {fault}"))
+    }
+}
+
+async fn run_scenario(
+    scenario: &'static str,
+    name: &'static str,
+    source: Source,
+    mut fault: Fault,
+    rng: &mut rand::rngs::StdRng,
+) -> Outcome {
+    source.publish().await;
+    let bench = Bench::start(scenario, name, &source, fault.jobs_per_second()).await;
+    let (mut spate, problem) = bench.inject(&mut fault, rng).await;
+    bench
+        .events_with_jobs(EVENTS, Duration::from_secs(120), Duration::from_millis(200))
+        .await;
     // Long enough for acknowledgements in flight to land and for a poll to find anything
     // the checkpoint forgot.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    source.settle(ACK_WAIT + Duration::from_secs(10)).await;
     spate.kill().unwrap();
     spate.wait().unwrap();
 
-    let (job_count, owners) = jobs_per_event(&jobs, name).await;
+    let (job_count, owners) = jobs_per_event(&bench.jobs, name).await;
     let covered: BTreeSet<&String> = owners.keys().collect();
     let outcome = Outcome {
+        fault: fault.label(),
         scenario,
         events: EVENTS,
         jobs: job_count,
         lost: EVENTS.saturating_sub(covered.len()),
         duplicates: owners.values().filter(|count| **count > 1).count(),
         unacknowledged: source.unacknowledged().await,
+        problem,
     };
     source.clean_up().await;
-    cluster.shutdown().await;
+    bench.cluster.shutdown().await;
     outcome
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_five_times_during_two_thousand_event_bursts() {
+async fn faults_during_two_thousand_event_bursts() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let seed: u64 = std::env::var("SPATE_CHAOS_SEED")
         .ok()
@@ -381,62 +698,81 @@ async fn sigkill_five_times_during_two_thousand_event_bursts() {
         .unwrap_or_else(|| rand::rng().random());
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tag = std::process::id();
-    let mut rows = vec![
-        run_scenario(
+    let nats = NatsServer::start().await;
+    let scenarios = [
+        (
             "RabbitMQ queue (perEvent)",
             "chaos-amqp",
             Source::Amqp {
                 queue: format!("spate-chaos-{tag}"),
             },
-            &mut rng,
-        )
-        .await,
-    ];
-    rows.push(
-        run_scenario(
+            Fault::SpateKilled,
+        ),
+        (
             "NATS JetStream durable consumer (perEvent)",
             "chaos-jetstream",
             Source::JetStream {
+                url: NATS.to_string(),
                 stream: format!("SPATE_CHAOS_{tag}"),
                 subject: format!("spate.chaos.{tag}"),
             },
-            &mut rng,
-        )
-        .await,
-    );
-    rows.push(
-        run_scenario(
+            Fault::SpateKilled,
+        ),
+        (
             "S3 polling with a checkpoint (perEvent)",
             "chaos-s3",
             Source::S3 {
                 bucket: format!("spate-chaos-{tag}"),
             },
-            &mut rng,
-        )
-        .await,
-    );
-    rows.push(
-        run_scenario(
+            Fault::SpateKilled,
+        ),
+        (
             "Redis Streams consumer group (perEvent)",
             "chaos-redis",
             Source::RedisStream {
                 stream: format!("spate-chaos-{tag}"),
             },
-            &mut rng,
-        )
-        .await,
-    );
-    rows.push(
-        run_scenario(
+            Fault::SpateKilled,
+        ),
+        (
             "Kafka consumer group, 4 partitions (perEvent)",
             "chaos-kafka",
             Source::Kafka {
                 topic: format!("spate-chaos-{tag}"),
             },
-            &mut rng,
-        )
-        .await,
-    );
+            Fault::SpateKilled,
+        ),
+        (
+            "RabbitMQ durable queue, persistent messages (perEvent)",
+            "chaos-amqp-restart",
+            Source::Amqp {
+                queue: format!("spate-chaos-restart-{tag}"),
+            },
+            Fault::RabbitMqRestarted,
+        ),
+        (
+            "NATS JetStream durable consumer, file store (perEvent)",
+            "chaos-nats-restart",
+            Source::JetStream {
+                url: nats.url(),
+                stream: format!("SPATE_CHAOS_{tag}"),
+                subject: format!("spate.chaos.{tag}"),
+            },
+            Fault::NatsRestarted(nats),
+        ),
+        (
+            "RabbitMQ queue, Pipeline resource (perEvent)",
+            "chaos-failover",
+            Source::Amqp {
+                queue: format!("spate-chaos-failover-{tag}"),
+            },
+            Fault::LeaderKilled,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (scenario, name, source, fault) in scenarios {
+        rows.push(run_scenario(scenario, name, source, fault, &mut rng).await);
+    }
     let table = table(&rows, seed);
     if let Ok(path) = std::env::var("SPATE_RELIABILITY_TABLE") {
         std::fs::write(Path::new(&path), &table).unwrap();

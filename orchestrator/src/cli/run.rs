@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// host name and process id).
     #[arg(long, value_name = "NAME", env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Controller mode: how long the leader Lease holds without renewal before another
+    /// replica may take it over (the leader renews it every third of this). Whole seconds,
+    /// at least 3s.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_lease_duration)]
+    pub lease_duration: Duration,
     /// Where sources keep checkpoints and local state.
     #[arg(long, value_name = "DIR", default_value = ".spate/state")]
     pub state_dir: PathBuf,
@@ -172,8 +177,8 @@ async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<
             namespace: lease_namespace.clone(),
             name: "spate-controller".to_string(),
             identity,
-            duration: Duration::from_secs(15),
-            renew: Duration::from_secs(5),
+            duration: args.lease_duration,
+            renew: args.lease_duration / 3,
         },
         status_interval: Duration::from_secs(2),
     };
@@ -188,6 +193,19 @@ async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<
     });
     controller::run(client, options, stop).await;
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_lease_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|error| error.to_string())?;
+    if duration < Duration::from_secs(3) {
+        return Err("must be at least 3s: the leader renews the Lease every third of it".into());
+    }
+    // The Lease stores whole seconds: with a fraction more, this leader would go on leading
+    // after the others may take over.
+    if duration.subsec_nanos() != 0 {
+        return Err("must be whole seconds: a Lease holds its duration in seconds".into());
+    }
+    Ok(duration)
 }
 
 /// Whether a source receives HTTP requests on the webhook server.
@@ -213,5 +231,27 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_lasts_whole_seconds_from_three() {
+        assert_eq!(parse_lease_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_lease_duration("3s"), Ok(Duration::from_secs(3)));
+        assert!(
+            parse_lease_duration("2s")
+                .unwrap_err()
+                .contains("at least 3s")
+        );
+        assert!(
+            parse_lease_duration("4500ms")
+                .unwrap_err()
+                .contains("whole seconds")
+        );
+        assert!(parse_lease_duration("soon").is_err());
     }
 }

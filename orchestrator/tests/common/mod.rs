@@ -454,3 +454,24 @@ pub async fn list_jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<St
         }
     }
 }
+
+/// Creates the Pipeline CRD on `cluster` and waits until it is served (discovery lags the
+/// creation).
+pub async fn install_crd(cluster: &spate_sim::SimCluster) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use spate::pipeline::Pipeline;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
+    crds.create(&kube::api::PostParams::default(), &Pipeline::crd())
+        .await
+        .unwrap();
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    for _ in 0..100 {
+        if pipelines.list(&ListParams::default()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the Pipeline CRD is not served");
+}
