@@ -183,6 +183,7 @@ fn the_deployment_is_restricted_and_its_flags_are_real() {
         "--metrics-listen=0.0.0.0:9464",
         "--webhook-listen=0.0.0.0:8088",
         "--lease-namespace=spate-system",
+        "--lease-duration=15s",
         "--identity=$(POD_NAME)",
         "--state-dir=/var/lib/spate",
     ] {
