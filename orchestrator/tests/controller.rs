@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AMQP, connect_amqp, delete_queues, ids, publish};
+use common::{AMQP, connect_amqp, delete_queues, ids, install_crd, publish};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Resource;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{CustomResourceExt, Resource};
 use spate::engine::EngineOptions;
 use spate::engine::controller::{self, ControllerOptions};
 use spate::engine::leader::LeaseConfig;
@@ -65,22 +64,6 @@ fn options(identity: &str, state: &std::path::Path) -> ControllerOptions {
         },
         status_interval: Duration::from_millis(300),
     }
-}
-
-async fn install_crd(cluster: &SimCluster) {
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
-    crds.create(&PostParams::default(), &Pipeline::crd())
-        .await
-        .unwrap();
-    // Served once discovery knows it.
-    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
-    for _ in 0..100 {
-        if pipelines.list(&ListParams::default()).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the Pipeline CRD is not served");
 }
 
 async fn eventually<F, Fut>(what: &str, seconds: u64, mut check: F)
