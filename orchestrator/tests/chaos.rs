@@ -1,9 +1,11 @@
 //! The chaos table: a fault injected during a 2,000-event burst, each row one fault and one
 //! source. `spate run` killed with SIGKILL five times at random moments, restarted each
 //! time, under RabbitMQ, NATS JetStream, S3 polling, a Redis stream and a Kafka topic;
-//! RabbitMQ restarted; a nats-server SIGKILLed and restarted; and the leader of two
-//! controller replicas SIGKILLed, the other taking over.
+//! RabbitMQ restarted; a nats-server SIGKILLed and restarted; the leader of two controller
+//! replicas SIGKILLed, or frozen past its Lease and thawed, the other taking over; and
+//! `spate run` SIGKILLed five times under webhook callers that retry until they get `202`.
 //! Every event must end with exactly one Job, and nothing may be left unacknowledged.
+//! `SPATE_CHAOS_ONLY=<text>` runs only the rows whose fault or scenario contains the text.
 //!
 //! Taking the shared RabbitMQ away is safe because this is the only test of its binary and
 //! cargo runs test binaries one after another.
@@ -20,6 +22,8 @@ use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -41,6 +45,9 @@ const KAFKA_PARTITIONS: i32 = 4;
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Short, so the surviving replica takes over within seconds rather than the default 15.
 const LEASE_DURATION: Duration = Duration::from_secs(4);
+/// Webhook callers at once, each waiting for its Job before its next call.
+const WEBHOOK_CALLERS: usize = 16;
+const WEBHOOK_JOBS_PER_SECOND: u32 = 200;
 
 /// One row of the table.
 struct Outcome {
@@ -104,6 +111,9 @@ enum Fault {
     NatsRestarted(NatsServer),
     /// Two controller replicas (`spate run` without -f); the holder of the Lease SIGKILLed.
     LeaderKilled,
+    /// The same, the holder frozen (SIGSTOP) until the other has taken the Lease and made
+    /// progress, then thawed: it must notice it is no longer leader, and run nothing twice.
+    LeaderFrozen,
 }
 
 impl Fault {
@@ -113,6 +123,7 @@ impl Fault {
             Fault::RabbitMqRestarted => "RabbitMQ restarted".to_string(),
             Fault::NatsRestarted(_) => "nats-server SIGKILLed and restarted".to_string(),
             Fault::LeaderKilled => "leader SIGKILLed, 2 replicas".to_string(),
+            Fault::LeaderFrozen => "leader frozen past its Lease, then thawed".to_string(),
         }
     }
 
@@ -159,9 +170,28 @@ enum Source {
     Kafka {
         topic: String,
     },
+    /// Callers posting to `spate run`'s webhook server on `port`, retrying every answer but
+    /// `202` with the same `Idempotency-Key`, as the webhook's delivery contract asks.
+    Webhook {
+        port: u16,
+        accepted: Arc<AtomicUsize>,
+        callers: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    },
 }
 
 impl Source {
+    fn webhook() -> Source {
+        Source::Webhook {
+            port: std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            callers: std::sync::Mutex::new(None),
+        }
+    }
+
     async fn publish(&self) {
         match self {
             Source::Amqp { queue } => {
@@ -194,6 +224,21 @@ impl Source {
                 for ack in acks {
                     ack.await.unwrap();
                 }
+            }
+            // The calls go on in the background, through the kills, until each has its 202.
+            Source::Webhook {
+                port,
+                accepted,
+                callers,
+            } => {
+                let url = format!("http://127.0.0.1:{port}/hooks/chaos");
+                let accepted = accepted.clone();
+                let calls = futures::StreamExt::for_each_concurrent(
+                    futures::stream::iter(0..EVENTS),
+                    WEBHOOK_CALLERS,
+                    move |i| call_until_accepted(url.clone(), format!("w-{i}"), accepted.clone()),
+                );
+                *callers.lock().unwrap() = Some(tokio::spawn(calls));
             }
             Source::Kafka { topic } => {
                 kafka::ensure_broker();
@@ -271,6 +316,18 @@ impl Source {
                 "objectStore: {{url: \"s3://{bucket}\", prefix: in/, endpoint: \"{S3}\", \
                  region: us-east-1, pollInterval: 300ms}}"
             ),
+            // `respond: afterJob`, the default: a 202 only once the Job exists.
+            Source::Webhook { .. } => "webhook: {path: /hooks/chaos, auth: {none: {}}}".to_string(),
+        }
+    }
+
+    /// What `spate run` needs besides the pipeline to serve this source.
+    fn run_args(&self) -> Vec<String> {
+        match self {
+            Source::Webhook { port, .. } => {
+                vec!["--webhook-listen".to_string(), format!("127.0.0.1:{port}")]
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -311,6 +368,8 @@ impl Source {
                     .sum()
             }
             Source::S3 { .. } => 0,
+            // Calls not answered 202 yet: their callers still retry them.
+            Source::Webhook { accepted, .. } => (EVENTS - accepted.load(Ordering::SeqCst)) as u64,
         }
     }
 
@@ -333,8 +392,37 @@ impl Source {
             Source::RedisStream { stream } => {
                 redis_cli(&[format!("DEL {stream}")]);
             }
+            Source::Webhook { callers, .. } => {
+                if let Some(callers) = callers.lock().unwrap().take() {
+                    callers.abort();
+                }
+            }
             // Topics live in the broker's memory; a unique name per run keeps them apart.
             Source::Kafka { .. } | Source::S3 { .. } => {}
+        }
+    }
+}
+
+/// Posts one call until it is answered `202`: a refused connection (spate is down), a reset,
+/// `503` and `504` are retried with the same key, as the webhook's contract asks of callers.
+async fn call_until_accepted(url: String, key: String, accepted: Arc<AtomicUsize>) {
+    let http = reqwest::Client::new();
+    loop {
+        let answer = http
+            .post(&url)
+            .header("Idempotency-Key", &key)
+            .header("content-type", "application/json")
+            .body(r#"{"report": "chaos"}"#)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await;
+        match answer.map(|response| response.status().as_u16()) {
+            Ok(202) => {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Ok(503 | 504) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(status) => panic!("{key}: answered {status}, which a caller cannot retry"),
         }
     }
 }
@@ -431,6 +519,21 @@ async fn lease_holder(cluster: &SimCluster) -> Option<String> {
         .and_then(|spec| spec.holder_identity)
 }
 
+/// How the Lease's holder stops holding it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    Killed,
+    Frozen,
+}
+
+fn signal(name: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
 /// A pipeline on a simulated cluster of its own, and how `spate run` is started on it.
 struct Bench {
     scenario: &'static str,
@@ -440,6 +543,8 @@ struct Bench {
     kubeconfig: PathBuf,
     manifest: String,
     file: PathBuf,
+    /// What the source needs of `spate run -f` besides the file.
+    run_args: Vec<String>,
     jobs: Api<Job>,
 }
 
@@ -485,6 +590,7 @@ spec:
             kubeconfig,
             manifest,
             file,
+            run_args: source.run_args(),
             jobs,
         }
     }
@@ -516,7 +622,9 @@ spec:
 
     /// `spate run -f` on the pipeline file; its restarts share its state.
     fn spawn_from_file(&self) -> KillOnDrop {
-        self.spawn("state", [OsStr::new("-f"), self.file.as_os_str()])
+        let file = [OsStr::new("-f"), self.file.as_os_str()];
+        let args = file.into_iter().chain(self.run_args.iter().map(OsStr::new));
+        self.spawn("state", args)
     }
 
     /// How many events have Jobs once `target` do or `timeout` has passed.
@@ -543,13 +651,13 @@ spec:
         );
     }
 
-    /// Injects `fault` during the burst; the `spate` left running, and what went wrong with
-    /// the fault itself.
+    /// Injects `fault` during the burst; the `spate` processes left running, and what went
+    /// wrong with the fault itself.
     async fn inject(
         &self,
         fault: &mut Fault,
         rng: &mut rand::rngs::StdRng,
-    ) -> (KillOnDrop, Option<String>) {
+    ) -> (Vec<KillOnDrop>, Option<String>) {
         const ONE_THIRD: usize = EVENTS / 3;
         const POLL: Duration = Duration::from_millis(50);
         match fault {
@@ -566,7 +674,7 @@ spec:
                     spate.wait().unwrap();
                     spate = self.spawn_from_file();
                 }
-                (spate, None)
+                (vec![spate], None)
             }
             Fault::RabbitMqRestarted => {
                 let spate = self.spawn_from_file();
@@ -575,7 +683,7 @@ spec:
                 let problem = self.after_the_burst("the broker stopped").await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 rabbitmqctl("start_app").await;
-                (spate, problem)
+                (vec![spate], problem)
             }
             Fault::NatsRestarted(server) => {
                 let spate = self.spawn_from_file();
@@ -584,15 +692,22 @@ spec:
                 let problem = self.after_the_burst("the server was killed").await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 server.start_again().await;
-                (spate, problem)
+                (vec![spate], problem)
             }
-            Fault::LeaderKilled => self.fail_over(ONE_THIRD, POLL).await,
+            Fault::LeaderKilled => self.fail_over(ONE_THIRD, POLL, Takeover::Killed).await,
+            Fault::LeaderFrozen => self.fail_over(ONE_THIRD, POLL, Takeover::Frozen).await,
         }
     }
 
     /// Two controller replicas run the pipeline as a Pipeline resource; the Lease's holder is
-    /// SIGKILLed once `target` events have Jobs and the other must take the Lease over.
-    async fn fail_over(&self, target: usize, poll: Duration) -> (KillOnDrop, Option<String>) {
+    /// SIGKILLed or frozen once `target` events have Jobs and the other must take the Lease
+    /// over.
+    async fn fail_over(
+        &self,
+        target: usize,
+        poll: Duration,
+        takeover: Takeover,
+    ) -> (Vec<KillOnDrop>, Option<String>) {
         common::install_crd(&self.cluster).await;
         let [first, second] = ["chaos-a", "chaos-b"].map(|identity| {
             let replica = self.spawn(
@@ -627,9 +742,14 @@ spec:
             assert_eq!(holder.as_deref(), Some(second.0), "the Lease's holder");
             (second, first)
         };
-        leader.kill().unwrap();
-        leader.wait().unwrap();
-        let mut problem = self.after_the_burst("the leader was killed").await;
+        match takeover {
+            Takeover::Killed => {
+                leader.kill().unwrap();
+                leader.wait().unwrap();
+            }
+            Takeover::Frozen => signal("STOP", leader.id()),
+        }
+        let mut problem = self.after_the_burst("the leader was stopped").await;
         // It expires LEASE_DURATION after the last renewal; the survivor tries every third.
         let deadline = Instant::now() + 3 * LEASE_DURATION;
         let mut holder = lease_holder(&self.cluster).await;
@@ -642,7 +762,32 @@ spec:
                 "{survivor} did not take the Lease over ({holder:?})"
             ));
         }
-        (replica, problem)
+        if takeover == Takeover::Killed {
+            return (vec![replica], problem);
+        }
+        // The frozen leader still holds its unacknowledged messages; the new one takes the
+        // rest. Once it has made progress, the old one wakes up mid-work: it must find the
+        // Lease taken and stop, leaving the Jobs it was creating as they are.
+        let (_, owners) = jobs_per_event(&self.jobs, self.name).await;
+        let progress = (owners.len() + EVENTS / 10).min(EVENTS);
+        let reached = self
+            .events_with_jobs(progress, 3 * LEASE_DURATION, poll)
+            .await;
+        if reached < progress {
+            problem.get_or_insert(format!(
+                "no progress while the leader was frozen: {} then {reached} events with Jobs",
+                owners.len()
+            ));
+        }
+        signal("CONT", leader.id());
+        tokio::time::sleep(LEASE_DURATION).await;
+        let holder = lease_holder(&self.cluster).await;
+        if holder.as_deref() != Some(survivor) {
+            problem.get_or_insert(format!(
+                "the thawed leader took the Lease back ({holder:?})"
+            ));
+        }
+        (vec![replica, leader], problem)
     }
 
     /// A single fault must hit the burst under way: a fault that lands after it says nothing.
@@ -660,8 +805,14 @@ async fn run_scenario(
     rng: &mut rand::rngs::StdRng,
 ) -> Outcome {
     source.publish().await;
-    let bench = Bench::start(scenario, name, &source, fault.jobs_per_second()).await;
-    let (mut spate, problem) = bench.inject(&mut fault, rng).await;
+    let jobs_per_second = match source {
+        // Callers outpace Job creation, so calls are waiting for their Jobs at each kill:
+        // the moment a 202 given too early would be lost.
+        Source::Webhook { .. } => WEBHOOK_JOBS_PER_SECOND,
+        _ => fault.jobs_per_second(),
+    };
+    let bench = Bench::start(scenario, name, &source, jobs_per_second).await;
+    let (mut running, problem) = bench.inject(&mut fault, rng).await;
     bench
         .events_with_jobs(EVENTS, Duration::from_secs(120), Duration::from_millis(200))
         .await;
@@ -669,8 +820,10 @@ async fn run_scenario(
     // the checkpoint forgot.
     tokio::time::sleep(Duration::from_secs(2)).await;
     source.settle(ACK_WAIT + Duration::from_secs(10)).await;
-    spate.kill().unwrap();
-    spate.wait().unwrap();
+    for spate in &mut running {
+        spate.kill().unwrap();
+        spate.wait().unwrap();
+    }
 
     let (job_count, owners) = jobs_per_event(&bench.jobs, name).await;
     let covered: BTreeSet<&String> = owners.keys().collect();
@@ -768,10 +921,28 @@ async fn faults_during_two_thousand_event_bursts() {
             },
             Fault::LeaderKilled,
         ),
+        (
+            "RabbitMQ queue, Pipeline resource (perEvent)",
+            "chaos-frozen",
+            Source::Amqp {
+                queue: format!("spate-chaos-frozen-{tag}"),
+            },
+            Fault::LeaderFrozen,
+        ),
+        (
+            "webhook callers retrying with their Idempotency-Key (respond: afterJob)",
+            "chaos-webhook",
+            Source::webhook(),
+            Fault::SpateKilled,
+        ),
     ];
+    // SPATE_CHAOS_ONLY=<text> runs the rows whose fault or scenario contains it, to debug one.
+    let only = std::env::var("SPATE_CHAOS_ONLY").unwrap_or_default();
     let mut rows = Vec::new();
     for (scenario, name, source, fault) in scenarios {
-        rows.push(run_scenario(scenario, name, source, fault, &mut rng).await);
+        if scenario.contains(&only) || fault.label().contains(&only) {
+            rows.push(run_scenario(scenario, name, source, fault, &mut rng).await);
+        }
     }
     let table = table(&rows, seed);
     if let Ok(path) = std::env::var("SPATE_RELIABILITY_TABLE") {
