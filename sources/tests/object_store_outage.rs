@@ -1,10 +1,11 @@
 //! The objectStore source while its S3 server stops answering, in the middle of polling and
 //! for longer than a poll interval and the client's patience, in the two ways a server fails:
 //! - it hangs: moto (`scripts/s3-server`) frozen with SIGSTOP, then thawed with SIGCONT;
-//! - it goes away and comes back, as a restarting server process does: its port refuses
-//!   connections and open ones are cut, then it listens again with the same data. moto keeps
-//!   its buckets in memory, so what goes away is a TCP proxy in front of it, standing in for
-//!   the server's process; the data behind it stays, as a real server's on disk does.
+//! - it is killed and started again: a moto of the test's own is SIGKILLed and restarted,
+//!   and gets its bucket back from moto's recorder (moto keeps buckets in memory only, where
+//!   a real server has them on disk). Spate reaches it through a port forward that stays
+//!   closed until the data is back, as a real server's port is until it has loaded its disk:
+//!   refused connections, cut connections, then the same data.
 //!
 //! A file of its own: cargo runs test binaries one after another, so freezing the shared
 //! server stalls no other test.
@@ -99,8 +100,8 @@ async fn receive(deliveries: &mut mpsc::Receiver<Delivery>, seen: &mut Vec<Strin
     }
 }
 
-/// A new bucket on moto, opened through `endpoint` (moto's own address, or a proxy's).
-async fn create_bucket(name: &str, endpoint: &str) -> Bucket {
+/// Starts the shared moto (`scripts/s3-server`), installing it where it is missing.
+fn shared_s3_server() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/s3-server");
     let status = std::process::Command::new(script)
@@ -108,8 +109,12 @@ async fn create_bucket(name: &str, endpoint: &str) -> Bucket {
         .status()
         .unwrap();
     assert!(status.success(), "scripts/s3-server start failed");
+}
+
+/// A new bucket on the moto at `endpoint`.
+async fn create_bucket(name: &str, endpoint: &str) -> Bucket {
     let created = reqwest::Client::new()
-        .put(format!("{ENDPOINT}/{name}"))
+        .put(format!("{endpoint}/{name}"))
         .send()
         .await
         .unwrap();
@@ -203,6 +208,7 @@ fn keys(stage: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_survives_a_frozen_s3_server_and_loses_nothing() {
     let _alone = ONE_OUTAGE_AT_A_TIME.lock().await;
+    shared_s3_server();
     let name = format!("spate-outage-{}", std::process::id());
     let bucket = create_bucket(&name, ENDPOINT).await;
     upload(&bucket, keys("before")).await;
@@ -222,18 +228,98 @@ async fn polling_survives_a_frozen_s3_server_and_loses_nothing() {
     polling.finish(&seen, expected).await;
 }
 
-/// A TCP proxy to moto on `port`, standing in for an S3 server's process: dropping it closes
-/// the port and cuts every connection through it.
-struct ServerProcess {
+/// A moto server of the test's own, on a free port. It records the requests that build its
+/// bucket, so that after a restart it can be given the same data by replaying them.
+struct Moto {
+    port: u16,
+    recording: tempfile::TempDir,
+    process: tokio::process::Child,
+}
+
+impl Moto {
+    async fn start() -> Moto {
+        let recording = tempfile::tempdir().unwrap();
+        let port = free_port().await;
+        let process = Self::spawn(port, recording.path()).await;
+        Moto {
+            port,
+            recording,
+            process,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(port: u16, recording: &std::path::Path) -> tokio::process::Child {
+        let process = tokio::process::Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .env("MOTO_RECORDER_FILEPATH", recording.join("requests.jsonl"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("moto installed (scripts/s3-server installs it)");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("http://127.0.0.1:{port}/"))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "moto answers within 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        process
+    }
+
+    async fn recorder(&self, action: &str) {
+        let answer = reqwest::Client::new()
+            .post(format!("{}/moto-api/recorder/{action}", self.url()))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{action}: {answer:?}");
+    }
+
+    /// SIGKILL, a new process on the same port, and the recorded requests replayed into it.
+    async fn kill_and_restart(&mut self) {
+        self.process.kill().await.unwrap();
+        self.process = Self::spawn(self.port, self.recording.path()).await;
+        self.recorder("replay-recording").await;
+    }
+}
+
+async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The server's port as Spate sees it: a TCP forward to `upstream` that can be closed, which
+/// refuses new connections and cuts the open ones.
+struct PortForward {
     connections: JoinHandle<()>,
 }
 
-impl ServerProcess {
-    async fn start(port: u16) -> ServerProcess {
+impl PortForward {
+    async fn open(port: u16, upstream: u16) -> PortForward {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        let upstream: SocketAddr = ENDPOINT.trim_start_matches("http://").parse().unwrap();
+        let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
         let connections = tokio::spawn(async move {
-            // Dropped with this task when the "process" dies, cutting every connection.
+            // Dropped with this task when the port closes, cutting every connection.
             let mut open = JoinSet::new();
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -246,42 +332,42 @@ impl ServerProcess {
                 });
             }
         });
-        ServerProcess { connections }
+        PortForward { connections }
     }
 
-    fn kill(self) {
+    fn close(self) {
         self.connections.abort();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn polling_survives_the_s3_server_going_away_and_coming_back_with_its_data() {
+async fn polling_survives_the_s3_server_killed_and_restarted_with_its_data() {
     let _alone = ONE_OUTAGE_AT_A_TIME.lock().await;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    shared_s3_server();
+    let mut moto = Moto::start().await;
     let name = format!("spate-restart-{}", std::process::id());
-    let bucket = create_bucket(&name, ENDPOINT).await;
+    moto.recorder("start-recording").await;
+    let bucket = create_bucket(&name, &moto.url()).await;
     upload(&bucket, keys("before")).await;
-    let server = ServerProcess::start(port).await;
-    let mut polling = Polling::start(&name, &endpoint).await;
+    moto.recorder("stop-recording").await;
+
+    let port = free_port().await;
+    let forward = PortForward::open(port, moto.port).await;
+    let mut polling = Polling::start(&name, &format!("http://127.0.0.1:{port}")).await;
     let mut seen = Vec::new();
     // Part of the bucket delivered, the rest in the channel or not yet listed.
     polling.receive(&mut seen, 20).await;
 
-    server.kill();
+    forward.close();
     assert!(
         TcpStream::connect(("127.0.0.1", port)).await.is_err(),
         "the port still answers"
     );
-    // Many poll intervals of refused connections, while the deliveries already out are
-    // acknowledged (the checkpoint is on local disk, not on the server).
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let _server = ServerProcess::start(port).await;
+    moto.kill_and_restart().await;
+    // Many poll intervals of refused connections in all, while the deliveries already out
+    // are acknowledged (the checkpoint is on local disk, not on the server).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _forward = PortForward::open(port, moto.port).await;
 
     upload(&bucket, keys("after")).await;
     polling.receive(&mut seen, 80).await;
