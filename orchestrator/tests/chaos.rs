@@ -232,11 +232,17 @@ impl Source {
                 callers,
             } => {
                 let url = format!("http://127.0.0.1:{port}/hooks/chaos");
-                let accepted = accepted.clone();
+                let (http, accepted) = (reqwest::Client::new(), accepted.clone());
                 let calls = futures::StreamExt::for_each_concurrent(
                     futures::stream::iter(0..EVENTS),
                     WEBHOOK_CALLERS,
-                    move |i| call_until_accepted(url.clone(), format!("w-{i}"), accepted.clone()),
+                    move |i| {
+                        let (http, url, accepted) = (http.clone(), url.clone(), accepted.clone());
+                        async move {
+                            common::post_until_accepted(&http, &url, &format!("w-{i}")).await;
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    },
                 );
                 *callers.lock().unwrap() = Some(tokio::spawn(calls));
             }
@@ -399,30 +405,6 @@ impl Source {
             }
             // Topics live in the broker's memory; a unique name per run keeps them apart.
             Source::Kafka { .. } | Source::S3 { .. } => {}
-        }
-    }
-}
-
-/// Posts one call until it is answered `202`: a refused connection (spate is down), a reset,
-/// `503` and `504` are retried with the same key, as the webhook's contract asks of callers.
-async fn call_until_accepted(url: String, key: String, accepted: Arc<AtomicUsize>) {
-    let http = reqwest::Client::new();
-    loop {
-        let answer = http
-            .post(&url)
-            .header("Idempotency-Key", &key)
-            .header("content-type", "application/json")
-            .body(r#"{"report": "chaos"}"#)
-            .timeout(Duration::from_secs(20))
-            .send()
-            .await;
-        match answer.map(|response| response.status().as_u16()) {
-            Ok(202) => {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                return;
-            }
-            Ok(503 | 504) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Ok(status) => panic!("{key}: answered {status}, which a caller cannot retry"),
         }
     }
 }

@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Observer, job_template, list_jobs_per_event, redis_cli, spawn_spate_run, start_engine,
+    Observer, install_crd, job_template, list_jobs_per_event, redis_cli, spawn_spate_run,
+    start_engine,
 };
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use spate::engine::EngineOptions;
 use spate::engine::controller::{self, ControllerOptions, PAUSED_ANNOTATION};
@@ -196,22 +195,6 @@ spec:
     assert_eq!(pending(&stream, "spate"), 0);
     redis_cli(&[format!("DEL {stream}")]);
     cluster.shutdown().await;
-}
-
-async fn install_crd(cluster: &SimCluster) {
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
-    crds.create(&PostParams::default(), &Pipeline::crd())
-        .await
-        .unwrap();
-    // Served once discovery knows it.
-    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
-    for _ in 0..100 {
-        if pipelines.list(&ListParams::default()).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the Pipeline CRD is not served");
 }
 
 /// Polls the Pipeline's status until `done` holds; the statuses seen on the way.

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{KillOnDrop, list_jobs_per_event};
+use common::{KillOnDrop, list_jobs_per_event, post_until_accepted};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::Api;
@@ -35,43 +35,6 @@ fn spawn_spate(pipeline: &Path, kubeconfig: &Path, state: &Path, webhooks: u16) 
         .spawn()
         .map(KillOnDrop)
         .unwrap()
-}
-
-/// Posts one call until it is answered `202`, as a caller honouring the delivery contract
-/// does: a refused connection, a reset, `503` and `504` are all retried with the same key.
-async fn call_until_accepted(
-    http: reqwest::Client,
-    url: String,
-    key: String,
-    accepted: Arc<Mutex<BTreeSet<String>>>,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let answer = http
-            .post(&url)
-            .header("Idempotency-Key", &key)
-            .header("content-type", "application/json")
-            .body(r#"{"report": "daily"}"#)
-            .send()
-            .await;
-        match answer {
-            Ok(response) if response.status() == reqwest::StatusCode::ACCEPTED => {
-                accepted.lock().unwrap().insert(key);
-                return;
-            }
-            Ok(response) => assert!(
-                [503, 504].contains(&response.status().as_u16()),
-                "{key}: a call the caller cannot retry: {}",
-                response.status()
-            ),
-            Err(_) => {}
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key} never accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -122,12 +85,12 @@ spec:
         let accepted = accepted.clone();
         tokio::spawn(
             futures::stream::iter(0..CALLS).for_each_concurrent(CALLERS, move |i| {
-                call_until_accepted(
-                    http.clone(),
-                    url.clone(),
-                    format!("report-{i}"),
-                    accepted.clone(),
-                )
+                let (http, url, accepted) = (http.clone(), url.clone(), accepted.clone());
+                async move {
+                    let key = format!("report-{i}");
+                    post_until_accepted(&http, &url, &key).await;
+                    accepted.lock().unwrap().insert(key);
+                }
             }),
         )
     };

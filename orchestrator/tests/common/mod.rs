@@ -475,3 +475,30 @@ pub async fn install_crd(cluster: &spate_sim::SimCluster) {
     }
     panic!("the Pipeline CRD is not served");
 }
+
+/// Posts one webhook call until it is answered `202`, as a caller honouring the webhook's
+/// contract does: a refused or cut connection, `503` and `504` are retried with the same
+/// `Idempotency-Key`. Panics on any other answer, which a caller cannot retry.
+pub async fn post_until_accepted(http: &reqwest::Client, url: &str, key: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let answer = http
+            .post(url)
+            .header("Idempotency-Key", key)
+            .header("content-type", "application/json")
+            .body(r#"{"report": "daily"}"#)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await;
+        match answer.map(|response| response.status().as_u16()) {
+            Ok(202) => return,
+            Ok(503 | 504) | Err(_) => {}
+            Ok(status) => panic!("{key}: answered {status}, which a caller cannot retry"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
