@@ -23,9 +23,9 @@ use crate::render::{EVENT_IDS_ANNOTATION, PIPELINE_LABEL};
 /// objects (one object when a NAME is given, else a `List`).
 ///
 /// Pipelines: NAME, SOURCE, MODE, RUNNING, SUCCEEDED, FAILED, AGE; wide adds RECEIVED, QUEUED,
-/// LAG (messages the source still holds), DEAD-LETTERED, PAUSED, READY and LAST ERROR. Jobs (those labelled `spate.dev/pipeline`):
-/// NAME, PIPELINE, COMPLETIONS, STATUS, AGE; wide adds EVENTS (the ids of the events each Job
-/// serves) and NODES (where its pods run).
+/// LAG (messages the source still holds), DEAD-LETTERED, PAUSED, READY and LAST ERROR. Jobs
+/// (those labelled `spate.dev/pipeline`): NAME, PIPELINE, COMPLETIONS, STATUS, AGE; wide adds
+/// EVENTS (the ids of the events each Job serves) and NODES (where its pods run).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     spate get pipelines\n  \
