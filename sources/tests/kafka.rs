@@ -213,19 +213,24 @@ async fn a_second_consumer_joining_mid_burst_takes_partitions_and_nothing_is_los
         .collect();
     let config = source(&topic, &group, json!({}));
 
-    // Each consumer acknowledges what it gets after a short delay, like Job creation.
+    // Each consumer acknowledges what it gets after a delay, like Job creation, a few at a
+    // time: about 80 records a second, so the burst outlasts the second consumer's join and
+    // the rebalance that follows (seconds: it waits for the first one's next heartbeat).
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, String)>();
     let drive =
         |mut running: Running, consumer: usize, seen: mpsc::UnboundedSender<(usize, String)>| {
             let shutdown = running.shutdown.clone();
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(4));
             let driver = tokio::spawn(async move {
                 while let Some(delivery) = running.deliveries.recv().await {
                     let seen = seen.clone();
+                    let permit = in_flight.clone().acquire_owned().await.unwrap();
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         let id = delivery.event.id().to_string();
                         delivery.ack.ack().await.unwrap();
                         let _ = seen.send((consumer, id));
+                        drop(permit);
                     });
                 }
                 (&mut running.task).await.unwrap().unwrap();
