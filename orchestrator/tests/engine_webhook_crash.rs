@@ -7,11 +7,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{KillOnDrop, list_jobs_per_event, post_until_accepted};
+use common::{KillOnDrop, list_jobs_per_event, post_until_accepted, spawn_spate_run_with_args};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::Api;
@@ -21,20 +20,18 @@ const CALLS: usize = 400;
 const CALLERS: usize = 16;
 
 fn spawn_spate(pipeline: &Path, kubeconfig: &Path, state: &Path, webhooks: u16) -> KillOnDrop {
-    Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["run", "--metrics-listen", "127.0.0.1:0", "--webhook-listen"])
-        .arg(format!("127.0.0.1:{webhooks}"))
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("-f")
-        .arg(pipeline)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(KillOnDrop)
-        .unwrap()
+    let webhooks = format!("127.0.0.1:{webhooks}");
+    spawn_spate_run_with_args(
+        pipeline,
+        kubeconfig,
+        state,
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--webhook-listen",
+            &webhooks,
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

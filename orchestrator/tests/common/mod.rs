@@ -424,8 +424,20 @@ pub fn spawn_spate_run_with_metrics(
     state: &std::path::Path,
     metrics: &str,
 ) -> KillOnDrop {
+    spawn_spate_run_with_args(pipeline, kubeconfig, state, &["--metrics-listen", metrics])
+}
+
+/// [`spawn_spate_run`] with more `spate run` flags; give `--metrics-listen` among them.
+pub fn spawn_spate_run_with_args(
+    pipeline: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    state: &std::path::Path,
+    args: &[&str],
+) -> KillOnDrop {
     std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["run", "--metrics-listen", metrics, "--state-dir"])
+        .arg("run")
+        .args(args)
+        .arg("--state-dir")
         .arg(state)
         .arg("--kubeconfig")
         .arg(kubeconfig)

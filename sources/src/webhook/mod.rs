@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::check::{Problems, parse_duration};
+use crate::check::{Problems, parse_duration, required_duration};
 use crate::secret::SecretValue;
 use crate::{Delivery, Source, SourceContext, SourceError};
 use auth::{Authenticator, MAX_SEEN_SIGNATURES, TimestampRule};
@@ -284,7 +284,11 @@ pub fn build(
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
             respond: match config.respond {
                 Respond::AfterJob => server::Answer::AfterJob {
-                    timeout: parse_duration(&config.response_timeout),
+                    timeout: required_duration(
+                        "webhook",
+                        "responseTimeout",
+                        &config.response_timeout,
+                    )?,
                 },
                 Respond::OnReceipt => server::Answer::OnReceipt,
             },
