@@ -54,7 +54,7 @@ app.kubernetes.io/part-of: spate
 
 {{/*
 What the controller does in the namespaces it watches, and nothing more (each line is a call
-in orchestrator/src or sinks/src; orchestrator/tests/least_privilege.rs proves the set):
+in orchestrator/src or sinks/src; orchestrator/tests/it/least_privilege.rs proves the set):
 - pipelines list/watch: the controller's watch (engine/controller.rs);
 - pipelines/status patch: status writes (engine/controller.rs);
 - jobs create, get (after 409 AlreadyExists), list/watch (the tracker), patch (the

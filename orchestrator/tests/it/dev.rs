@@ -2,7 +2,7 @@
 //! simulated virtual node, each running the real example worker (spate-thumbnailer), and 200
 //! thumbnails of the requested size; the watch shows the burst and the fall back to zero.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

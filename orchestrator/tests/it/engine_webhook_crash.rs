@@ -3,7 +3,7 @@
 //! kill has its Job, and callers that retry anything else with the same `Idempotency-Key`
 //! end, after the restart, with exactly one Job per call.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

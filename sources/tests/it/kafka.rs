@@ -1,8 +1,7 @@
 //! The Kafka source against a real Kafka-compatible broker: tansu on 127.0.0.1:9092
 //! (`scripts/kafka start` builds and starts it). Each test has topics and a group of its own.
 
-#[path = "support/kafka.rs"]
-mod kafka;
+use crate::kafka_broker as kafka;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! created, paused, resumed, made invalid and deleted through the API; two replicas with one
 //! leader and a fail-over.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! server (moto, `scripts/s3-server`) and 500 messages on a NATS JetStream stream become 500
 //! processed items on the simulator's virtual node, within the budget, back to zero after.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! every event ends with exactly one Job and every message is acknowledged, also while the
 //! API server injects 429s and 5xx and drops watches.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! Redis is driven with `redis-cli` (installed with redis-server), each test on a stream of
 //! its own that it deletes.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Arc;

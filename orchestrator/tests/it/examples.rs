@@ -8,7 +8,7 @@
 //! (`scripts/services`), the moto S3 server on 127.0.0.1:9090 (`scripts/s3-server`, started
 //! here when missing).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

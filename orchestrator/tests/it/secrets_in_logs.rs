@@ -4,7 +4,7 @@
 //! fail to render (dead-lettered to a sink that is down) and a broker that refuses the
 //! password. Everything it prints, stdout and stderr, must be free of each secret value.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};

@@ -8,7 +8,7 @@
 //! default (`max_queued_messages`): the sessions here are consuming while the burst is
 //! published, so the queue stays below that.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::Write;

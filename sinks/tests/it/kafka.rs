@@ -2,8 +2,7 @@
 //! Kafka record, read back with a consumer; an unreachable cluster fails at start-up with its
 //! address.
 
-#[path = "../../sources/tests/support/kafka.rs"]
-mod kafka;
+use crate::kafka_broker as kafka;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! simulator's virtual node, never above maxParallelism, every message acknowledged only once
 //! its Job exists, and the cluster back to zero after the TTL.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

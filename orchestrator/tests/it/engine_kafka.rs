@@ -3,9 +3,8 @@
 //! when `spate run -f` is killed with SIGKILL mid-burst and restarted; records whose Job
 //! template fails reach a dead-letter topic through the Kafka sink, with the reason.
 
-mod common;
-#[path = "../../sources/tests/support/kafka.rs"]
-mod kafka;
+use crate::common;
+use crate::kafka_broker as kafka;
 
 use std::collections::HashSet;
 use std::time::Duration;
