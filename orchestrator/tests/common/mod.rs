@@ -467,6 +467,50 @@ pub async fn list_jobs_per_event(jobs: &Api<Job>, selector: &str) -> BTreeMap<St
     }
 }
 
+/// How long a test waits for one more event to get its Job before it calls the engine
+/// stalled. A slow machine (CI shares its cores) makes progress late but makes it; a stall
+/// makes none, so a test fails on no progress, never on a total deadline a quiet machine meets.
+pub const STALL: Duration = Duration::from_secs(60);
+
+/// Polls the Jobs matching `selector` every `every` until at least `wanted` events have one and
+/// `settled` says the rest is done too (e.g. the queue is empty), returning them. Fails when
+/// the number of events with a Job has not grown for [`STALL`], naming where it stopped and
+/// why `settled` still says no.
+pub async fn await_jobs<F, Fut>(
+    jobs: &Api<Job>,
+    selector: &str,
+    wanted: usize,
+    every: Duration,
+    mut settled: F,
+) -> BTreeMap<String, usize>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut best = 0;
+    let mut moved = tokio::time::Instant::now();
+    loop {
+        let owners = list_jobs_per_event(jobs, selector).await;
+        let waiting_for = if owners.len() >= wanted {
+            match settled().await {
+                Ok(()) => return owners,
+                Err(reason) => reason,
+            }
+        } else {
+            format!("{} of {wanted} events have a Job", owners.len())
+        };
+        if owners.len() > best {
+            best = owners.len();
+            moved = tokio::time::Instant::now();
+        }
+        assert!(
+            moved.elapsed() < STALL,
+            "no progress for {STALL:?}: {waiting_for}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Creates the Pipeline CRD on `cluster` and waits until it is served (discovery lags the
 /// creation).
 pub async fn install_crd(cluster: &spate_sim::SimCluster) {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    AMQP, connect_amqp, delete_queues, ids, list_jobs_per_event, messages_left, publish,
+    AMQP, await_jobs, connect_amqp, delete_queues, ids, list_jobs_per_event, messages_left, publish,
     spawn_spate_run, spawn_spate_run_with_metrics,
 };
 use k8s_openapi::api::batch::v1::Job;
@@ -58,35 +58,21 @@ spec:
 
     let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     // Kill it once part of the burst has Jobs, with creates and acks surely in flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let covered = list_jobs_per_event(&jobs, &selector).await.len();
-        if covered >= events / 4 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no progress before the kill: {covered}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
+        Ok(())
+    })
+    .await;
     first.kill().unwrap();
     first.wait().unwrap();
 
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let owners = loop {
-        let owners = list_jobs_per_event(&jobs, &selector).await;
-        if owners.len() == events && messages_left(&connection, &queue).await == 0 {
-            break owners;
+    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
+        match messages_left(&connection, &queue).await {
+            0 => Ok(()),
+            left => Err(format!("every event has a Job, {left} still in the queue")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "after the restart {} of {events} events have a Job",
-            owners.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     second.kill().unwrap();
     second.wait().unwrap();
 

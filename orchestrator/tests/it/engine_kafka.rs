@@ -9,7 +9,9 @@ use crate::kafka_broker as kafka;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Observer, job_template, list_jobs_per_event, spawn_spate_run, start_engine};
+use common::{
+    Observer, await_jobs, job_template, list_jobs_per_event, spawn_spate_run, start_engine,
+};
 use k8s_openapi::api::batch::v1::Job;
 use kafka::{
     BROKER, committed, create_topic, ensure_broker, high_watermarks, produce, producer, read,
@@ -136,18 +138,10 @@ spec:
     let selector = format!("spate.dev/pipeline={name}");
 
     let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let covered = list_jobs_per_event(&jobs, &selector).await.len();
-        if covered >= events / 4 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no progress before the kill: {covered}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
+        Ok(())
+    })
+    .await;
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(
@@ -158,19 +152,10 @@ spec:
     // The killed member's session expires (6s) before the group gives its partitions to the
     // restarted one, which resumes from the committed watermarks.
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let owners = loop {
-        let owners = list_jobs_per_event(&jobs, &selector).await;
-        if owners.len() == events {
-            break owners;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after the restart {} of {events} records have a Job",
-            owners.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
+        Ok(())
+    })
+    .await;
     wait_committed_to_the_end(&group, &topic).await;
     second.kill().unwrap();
     second.wait().unwrap();

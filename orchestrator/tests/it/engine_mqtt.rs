@@ -15,7 +15,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Observer, ids, job_template, list_jobs_per_event, spawn_spate_run, start_engine};
+use common::{
+    Observer, await_jobs, ids, job_template, list_jobs_per_event, spawn_spate_run, start_engine,
+};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::Api;
 use spate_sim::{SimCluster, SimConfig};
@@ -177,18 +179,10 @@ spec:
     let topic_for_publish = topic.clone();
     let publisher = std::thread::spawn(move || publish(&topic_for_publish, ids("m", 0, events)));
     // Kill it once part of the burst has Jobs, with creates and acks surely in flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let covered = list_jobs_per_event(&jobs, &selector).await.len();
-        if covered >= events / 4 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no progress before the kill: {covered}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
+        Ok(())
+    })
+    .await;
     first.kill().unwrap();
     first.wait().unwrap();
     publisher.join().unwrap();
@@ -199,19 +193,10 @@ spec:
     );
 
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let owners = loop {
-        let owners = list_jobs_per_event(&jobs, &selector).await;
-        if owners.len() == events {
-            break owners;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "after the restart {} of {events} events have a Job",
-            owners.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
+        Ok(())
+    })
+    .await;
     // A graceful stop sends the last PUBACKs.
     let signalled = Command::new("kill")
         .args(["-TERM", &second.id().to_string()])

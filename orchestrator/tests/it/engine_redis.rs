@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Observer, install_crd, job_template, list_jobs_per_event, redis_cli, spawn_spate_run,
+    Observer, await_jobs, install_crd, job_template, list_jobs_per_event, redis_cli, spawn_spate_run,
     start_engine,
 };
 use k8s_openapi::api::batch::v1::Job;
@@ -150,18 +150,10 @@ spec:
     let selector = format!("spate.dev/pipeline={name}");
 
     let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let covered = list_jobs_per_event(&jobs, &selector).await.len();
-        if covered >= events / 4 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no progress before the kill: {covered}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
+        Ok(())
+    })
+    .await;
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(
@@ -170,20 +162,13 @@ spec:
     );
 
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let owners = loop {
-        let owners = list_jobs_per_event(&jobs, &selector).await;
-        if owners.len() == events && pending(&stream, "spate") == 0 {
-            break owners;
+    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
+        match pending(&stream, "spate") {
+            0 => Ok(()),
+            left => Err(format!("every entry has a Job, {left} still pending")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "after the restart {} of {events} entries have a Job, {} pending",
-            owners.len(),
-            pending(&stream, "spate")
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     second.kill().unwrap();
     second.wait().unwrap();
 
