@@ -8,6 +8,7 @@
 //! the event reaches a script through environment variables instead.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec, JobTemplateSpec};
@@ -44,8 +45,15 @@ pub const INPUT_MOUNT_PATH: &str = "/var/run/spate";
 const INPUT_VOLUME: &str = "spate-input";
 /// Events up to this size travel in the `SPATE_EVENT` env var; larger ones as a file.
 pub const MAX_ENV_EVENT_BYTES: usize = 16 * 1024;
-/// A ConfigMap holds at most 1 MiB; keep a margin for metadata.
-const MAX_INPUT_BYTES: usize = 900 * 1024;
+/// The API server's limit on an object's annotations, keys and values together.
+pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+/// The API server's limit on a ConfigMap's data, keys and values together.
+pub const MAX_CONFIG_MAP_BYTES: usize = 1024 * 1024;
+/// The API server's limit on a request body.
+pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
+/// What the split leaves for the metadata and the placeholders it cannot measure before
+/// rendering; a part that still does not fit is halved.
+const SPLIT_MARGIN_BYTES: usize = 8 * 1024;
 
 /// The objects to create for one Job: the Job, and the ConfigMap carrying its input when the
 /// input does not fit in env (always, in indexed mode). The ConfigMap has the Job's name and
@@ -64,6 +72,9 @@ pub enum RenderError {
     Placeholder { path: String, message: String },
     #[error("{0}")]
     Batch(String),
+    /// The Job or its input is larger than the API server accepts.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("the rendered template is not a valid JobTemplateSpec: {0}")]
     Invalid(String),
 }
@@ -105,7 +116,7 @@ pub fn render_job(
     let mut template: JobTemplateSpec =
         serde_json::from_value(rendered).map_err(|e| RenderError::Invalid(e.to_string()))?;
 
-    let input = job_input(mode, events)?;
+    let input = job_input(mode, events);
     let mut spec = template.spec.take().unwrap_or_default();
     shape_job_spec(&mut spec, pipeline, events.len());
     let pod_meta = spec.template.metadata.get_or_insert_with(Default::default);
@@ -140,14 +151,189 @@ pub fn render_job(
         data: Some(BTreeMap::from([(contents.file.to_string(), contents.text)])),
         ..Default::default()
     });
-    Ok(RenderedJob {
+    let rendered = RenderedJob {
         job: Job {
             metadata,
             spec: Some(spec),
             status: None,
         },
         input,
-    })
+    };
+    check_limits(&rendered, events)?;
+    Ok(rendered)
+}
+
+/// One Job's share of a batch: the events it carries, as a range of the batch, and its Job.
+#[derive(Debug)]
+pub struct Part {
+    pub events: Range<usize>,
+    pub job: Result<RenderedJob, RenderError>,
+}
+
+/// Renders `events` as as many Jobs as the API server's size limits require (in `indexed`
+/// mode; one event is one Job in `perEvent` mode). The split depends only on the events and
+/// their order, so the same batch always becomes the same Jobs. An event too large for any
+/// Job is a part of its own whose render says why.
+pub fn render_parts(
+    pipeline: &Pipeline,
+    template: &JobTemplateSpec,
+    values: &TemplateValues,
+    events: &[Event],
+) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for range in split_by_size(template, events) {
+        render_fitting(pipeline, template, values, events, range, &mut parts);
+    }
+    parts
+}
+
+/// Renders `events[range]`, halving it until each half fits: the split's estimate cannot see
+/// what placeholders expand to.
+fn render_fitting(
+    pipeline: &Pipeline,
+    template: &JobTemplateSpec,
+    values: &TemplateValues,
+    events: &[Event],
+    range: Range<usize>,
+    parts: &mut Vec<Part>,
+) {
+    match render_job(pipeline, template, values, &events[range.clone()]) {
+        Err(RenderError::TooLarge(_)) if range.len() > 1 => {
+            let middle = range.start + range.len() / 2;
+            render_fitting(
+                pipeline,
+                template,
+                values,
+                events,
+                range.start..middle,
+                parts,
+            );
+            render_fitting(pipeline, template, values, events, middle..range.end, parts);
+        }
+        job => parts.push(Part { events: range, job }),
+    }
+}
+
+/// Consecutive ranges of `events`, each as long as its ids fit the Job's annotations, its
+/// items the ConfigMap, and both objects the request body limit.
+fn split_by_size(template: &JobTemplateSpec, events: &[Event]) -> Vec<Range<usize>> {
+    let template_annotations = template
+        .metadata
+        .as_ref()
+        .and_then(|metadata| metadata.annotations.as_ref())
+        .map_or(0, |annotations| {
+            annotations.iter().map(|(k, v)| k.len() + v.len()).sum()
+        });
+    let template_body = serde_json::to_vec(template).map_or(0, |body| body.len());
+    let fixed_annotations = template_annotations
+        + EVENT_IDS_ANNOTATION.len()
+        + SOURCE_ANNOTATION.len()
+        + SPLIT_MARGIN_BYTES;
+    let ids_room = MAX_ANNOTATIONS_BYTES.saturating_sub(fixed_annotations);
+    let items_room = MAX_CONFIG_MAP_BYTES.saturating_sub(SPLIT_MARGIN_BYTES);
+    let job_body_room = MAX_REQUEST_BYTES.saturating_sub(template_body + SPLIT_MARGIN_BYTES);
+    let input_body_room = MAX_REQUEST_BYTES.saturating_sub(SPLIT_MARGIN_BYTES);
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    let (mut ids, mut items, mut job_body, mut input_body) = (2, 2, 2, 2);
+    for (at, event) in events.iter().enumerate() {
+        let id = Value::from(event.id()).to_string();
+        let item = event.to_json().to_string();
+        // Each list separator is a comma; inside a request body the JSON text of the
+        // annotation and of items.json is itself a string, so quotes and backslashes double.
+        let cost = (
+            id.len() + 1,
+            item.len() + 1,
+            escaped_len(&id) + 1,
+            escaped_len(&item) + 1,
+        );
+        let fits = ids + cost.0 <= ids_room
+            && items + cost.1 <= items_room
+            && job_body + cost.2 <= job_body_room
+            && input_body + cost.3 <= input_body_room;
+        if !fits && at > start {
+            ranges.push(start..at);
+            start = at;
+            (ids, items, job_body, input_body) = (2, 2, 2, 2);
+        }
+        ids += cost.0;
+        items += cost.1;
+        job_body += cost.2;
+        input_body += cost.3;
+    }
+    if start < events.len() {
+        ranges.push(start..events.len());
+    }
+    ranges
+}
+
+/// The length of `text` written as a JSON string, without its quotes.
+fn escaped_len(text: &str) -> usize {
+    text.len() + text.bytes().filter(|b| matches!(b, b'"' | b'\\')).count()
+}
+
+/// Refuses a Job the API server would refuse for its size, saying which limit and why.
+fn check_limits(rendered: &RenderedJob, events: &[Event]) -> Result<(), RenderError> {
+    let what = match events {
+        [event] => format!("event {}", event.id()),
+        _ => format!("the {} events of this Job", events.len()),
+    };
+    let kib = |bytes: usize| bytes.div_ceil(1024);
+    let annotations: usize = rendered
+        .job
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .map(|(key, value)| key.len() + value.len())
+        .sum();
+    if annotations > MAX_ANNOTATIONS_BYTES {
+        return Err(RenderError::TooLarge(format!(
+            "the annotations of the Job for {what} take {} KiB, more than the {} KiB the API \
+             server allows (the ids of its events are one of them, {EVENT_IDS_ANNOTATION}); \
+             use shorter event ids or a smaller template",
+            kib(annotations),
+            MAX_ANNOTATIONS_BYTES / 1024
+        )));
+    }
+    if let Some(input) = &rendered.input {
+        let data: usize = input
+            .data
+            .iter()
+            .flatten()
+            .map(|(key, value)| key.len() + value.len())
+            .sum();
+        if data > MAX_CONFIG_MAP_BYTES {
+            return Err(RenderError::TooLarge(format!(
+                "{what} takes {} KiB, more than a ConfigMap holds ({} KiB); send smaller \
+                 events (e.g. a reference to the data, not the data)",
+                kib(data),
+                MAX_CONFIG_MAP_BYTES / 1024
+            )));
+        }
+    }
+    let bodies = [
+        serde_json::to_vec(&rendered.job).map_err(|e| RenderError::Invalid(e.to_string()))?,
+        match &rendered.input {
+            Some(input) => {
+                serde_json::to_vec(input).map_err(|e| RenderError::Invalid(e.to_string()))?
+            }
+            None => Vec::new(),
+        },
+    ];
+    if let Some(body) = bodies
+        .iter()
+        .map(Vec::len)
+        .find(|len| *len > MAX_REQUEST_BYTES)
+    {
+        return Err(RenderError::TooLarge(format!(
+            "the Job for {what} takes {} KiB as a request, more than the {} KiB the API \
+             server accepts; use a smaller template or smaller events",
+            kib(body),
+            MAX_REQUEST_BYTES / 1024
+        )));
+    }
+    Ok(())
 }
 
 pub fn pipeline_namespace(pipeline: &Pipeline) -> String {
@@ -335,12 +521,12 @@ struct InputFile {
     text: String,
 }
 
-fn job_input(mode: FanOutMode, events: &[Event]) -> Result<Option<InputFile>, RenderError> {
+fn job_input(mode: FanOutMode, events: &[Event]) -> Option<InputFile> {
     let (file, text) = match (mode, events) {
         (FanOutMode::PerEvent, [event]) => {
             let text = event.to_json().to_string();
             if text.len() <= MAX_ENV_EVENT_BYTES {
-                return Ok(None);
+                return None;
             }
             ("event.json", text)
         }
@@ -349,15 +535,7 @@ fn job_input(mode: FanOutMode, events: &[Event]) -> Result<Option<InputFile>, Re
             Value::from(events.iter().map(Event::to_json).collect::<Vec<_>>()).to_string(),
         ),
     };
-    if text.len() > MAX_INPUT_BYTES {
-        return Err(RenderError::Batch(format!(
-            "the events of this Job take {} KiB, more than a ConfigMap holds ({} KiB); lower \
-             fanout.batchSize or send smaller events (e.g. a reference to the data, not the data)",
-            text.len() / 1024,
-            MAX_INPUT_BYTES / 1024
-        )));
-    }
-    Ok(Some(InputFile { file, text }))
+    Some(InputFile { file, text })
 }
 
 fn shape_job_spec(spec: &mut JobSpec, pipeline: &Pipeline, events: usize) {
@@ -728,6 +906,122 @@ mod tests {
         let rendered =
             render_job(&loaded.pipeline, &loaded.template, &loaded.values, &[event]).unwrap();
         rendered.job.spec.unwrap().template.spec.unwrap()
+    }
+
+    fn indexed_pipeline() -> crate::pipeline::LoadedPipeline {
+        let yaml = "apiVersion: spate.dev/v1alpha1\nkind: Pipeline\nmetadata:\n  name: bulk\nspec:\n  source:\n    webhook:\n      path: /hooks/bulk\n      auth: {none: {}}\n  fanout: {mode: indexed, batchSize: 100000, maxParallelism: 50}\n  jobTemplate:\n    metadata:\n      annotations: {team: imaging}\n    spec:\n      template:\n        spec:\n          containers: [{name: work, image: busybox}]\n";
+        crate::pipeline::load_str(yaml, "p.yaml")
+            .unwrap_or_else(|e| panic!("{e:#?}"))
+            .remove(0)
+    }
+
+    /// `count` events with 64-character ids and `payload` bytes of data each.
+    fn events_with_long_ids(count: usize, payload: usize) -> Vec<Event> {
+        (0..count)
+            .map(|i| {
+                Event::from_json(
+                    json!({"id": format!("{i:064}"), "data": {"blob": "x".repeat(payload)}}),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    fn annotations_bytes(job: &Job) -> usize {
+        job.metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(key, value)| key.len() + value.len())
+            .sum()
+    }
+
+    fn input_bytes(rendered: &RenderedJob) -> usize {
+        rendered
+            .input
+            .iter()
+            .flat_map(|input| input.data.iter().flatten())
+            .map(|(key, value)| key.len() + value.len())
+            .sum()
+    }
+
+    #[test]
+    fn a_job_the_api_server_would_refuse_for_its_size_is_not_rendered() {
+        let loaded = indexed_pipeline();
+        // 3,950 ids of 64 characters: 264,650 bytes of ids, over the 262,144 the API server
+        // allows for all annotations together.
+        let events = events_with_long_ids(3950, 0);
+        match render_job(&loaded.pipeline, &loaded.template, &loaded.values, &events) {
+            Err(RenderError::TooLarge(message)) => {
+                assert!(message.contains("annotations"), "{message}")
+            }
+            Ok(rendered) => panic!(
+                "rendered a Job with {} bytes of annotations",
+                annotations_bytes(&rendered.job)
+            ),
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn a_large_batch_is_split_into_jobs_that_fit_and_the_same_batch_splits_alike() {
+        let loaded = indexed_pipeline();
+        let render = |events: &[Event]| {
+            render_parts(&loaded.pipeline, &loaded.template, &loaded.values, events)
+        };
+        // The annotation limit binds first for small events, the ConfigMap's for larger ones.
+        for (count, payload) in [(3950, 0), (4500, 200), (20_000, 0)] {
+            let events = events_with_long_ids(count, payload);
+            let parts = render(&events);
+            assert!(parts.len() > 1, "{count} events in one Job");
+            let mut next = 0;
+            for part in &parts {
+                assert_eq!(part.events.start, next, "parts cover the batch in order");
+                next = part.events.end;
+                let rendered = part.job.as_ref().unwrap();
+                assert!(annotations_bytes(&rendered.job) <= MAX_ANNOTATIONS_BYTES);
+                assert!(input_bytes(rendered) <= MAX_CONFIG_MAP_BYTES);
+                assert!(serde_json::to_vec(&rendered.job).unwrap().len() <= MAX_REQUEST_BYTES);
+                let spec = rendered.job.spec.as_ref().unwrap();
+                assert_eq!(spec.completions, Some(part.events.len() as i32));
+            }
+            assert_eq!(next, count);
+            let names = |parts: &[Part]| -> Vec<String> {
+                parts
+                    .iter()
+                    .map(|p| p.job.as_ref().unwrap().job.metadata.name.clone().unwrap())
+                    .collect()
+            };
+            assert_eq!(names(&parts), names(&render(&events)));
+        }
+    }
+
+    #[test]
+    fn an_event_larger_than_any_job_is_refused_alone_and_its_neighbours_still_run() {
+        let loaded = indexed_pipeline();
+        let mut events = events_with_long_ids(3, 10);
+        events.insert(
+            1,
+            Event::from_json(json!({"id": "huge", "data": {"blob": "y".repeat(1024 * 1024)}}))
+                .unwrap(),
+        );
+        let parts = render_parts(&loaded.pipeline, &loaded.template, &loaded.values, &events);
+        let refused: Vec<&Part> = parts.iter().filter(|p| p.job.is_err()).collect();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].events, 1..2);
+        let Err(RenderError::TooLarge(message)) = &refused[0].job else {
+            panic!("{:?}", refused[0].job)
+        };
+        assert!(
+            message.contains("event huge") && message.contains("more than a ConfigMap holds"),
+            "{message}"
+        );
+        let carried: usize = parts
+            .iter()
+            .filter(|p| p.job.is_ok())
+            .map(|p| p.events.len())
+            .sum();
+        assert_eq!(carried, 3);
     }
 
     #[test]
