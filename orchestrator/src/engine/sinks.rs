@@ -29,10 +29,21 @@ impl PipelineSinks {
             .build(cx)
             .await
             .map_err(|e| format!("dead-letter sink {}: {e}", dead_letter_config.kind()))?;
-        Ok(PipelineSinks {
+        Ok(Self::new(
             results,
-            dead_letter: (dead_letter_config.kind().to_string(), dead_letter),
-        })
+            (dead_letter_config.kind().to_string(), dead_letter),
+        ))
+    }
+
+    /// Sinks already built, each with the kind its errors are reported under.
+    pub(crate) fn new(
+        results: Vec<(String, Box<dyn Sink>)>,
+        dead_letter: (String, Box<dyn Sink>),
+    ) -> Self {
+        PipelineSinks {
+            results,
+            dead_letter,
+        }
     }
 
     /// Delivers records to every results sink.
