@@ -109,27 +109,30 @@ impl Observer {
     }
 
     /// Waits until every id in `expected` has a complete Job, then checks each has exactly one.
-    pub async fn expect_one_complete_job_per_event(
-        &self,
-        expected: &HashSet<String>,
-        timeout: Duration,
-    ) {
-        let deadline = tokio::time::Instant::now() + timeout;
+    /// Fails when neither the events with a Job nor the complete Jobs grew for [`STALL`].
+    pub async fn expect_one_complete_job_per_event(&self, expected: &HashSet<String>) {
+        let mut best = (0, 0);
+        let mut moved = tokio::time::Instant::now();
         loop {
-            let (covered, complete) = {
+            let (covered, complete, jobs) = {
                 let seen = self.jobs.lock();
                 let covered: HashSet<String> = seen
                     .values()
                     .flat_map(|(ids, _)| ids.iter().cloned())
                     .collect();
-                (covered, seen.values().all(|(_, complete)| *complete))
+                let complete = seen.values().filter(|(_, complete)| *complete).count();
+                (covered, complete, seen.len())
             };
-            if &covered == expected && complete {
+            if &covered == expected && complete == jobs {
                 break;
             }
+            if (covered.len(), complete) > best {
+                best = (covered.len(), complete);
+                moved = tokio::time::Instant::now();
+            }
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} of {} events have a Job",
+                moved.elapsed() < STALL,
+                "no progress for {STALL:?}: {} of {} events have a Job, {complete} of {jobs} Jobs complete",
                 covered.len(),
                 expected.len()
             );
@@ -147,12 +150,14 @@ impl Observer {
         );
     }
 
-    /// Waits until no Job and no pod of the pipeline is left (the TTL did its work).
-    pub async fn expect_back_to_zero(&self, timeout: Duration) {
+    /// Waits until no Job and no pod of the pipeline is left (the TTL did its work). Fails when
+    /// nothing left for [`STALL`].
+    pub async fn expect_back_to_zero(&self) {
         let list = ListParams::default().labels(&self.selector);
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), "default");
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
-        let deadline = tokio::time::Instant::now() + timeout;
+        let mut fewest = usize::MAX;
+        let mut moved = tokio::time::Instant::now();
         loop {
             let jobs_left = jobs
                 .list(&list)
@@ -167,9 +172,14 @@ impl Observer {
             if jobs_left == 0 && pods_left == 0 {
                 return;
             }
+            let left = jobs_left.saturating_add(pods_left);
+            if left < fewest {
+                fewest = left;
+                moved = tokio::time::Instant::now();
+            }
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "{jobs_left} Jobs and {pods_left} pods left after the TTL"
+                moved.elapsed() < STALL,
+                "nothing removed for {STALL:?}: {jobs_left} Jobs and {pods_left} pods left after the TTL"
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

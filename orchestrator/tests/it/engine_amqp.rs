@@ -104,9 +104,9 @@ async fn burst(burst: Burst) -> PodCensus {
 
     let expected: HashSet<String> = ids("msg", 0, burst.events).collect();
     observer
-        .expect_one_complete_job_per_event(&expected, Duration::from_secs(120))
+        .expect_one_complete_job_per_event(&expected)
         .await;
-    observer.expect_back_to_zero(Duration::from_secs(60)).await;
+    observer.expect_back_to_zero().await;
     engine.shutdown().await;
     let census = observer.finish();
     assert!(census.peak > 0);

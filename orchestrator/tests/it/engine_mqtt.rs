@@ -103,7 +103,7 @@ spec:
     publish(&topic, ids("msg", 0, events));
     let expected: HashSet<String> = ids("msg", 0, events).collect();
     observer
-        .expect_one_complete_job_per_event(&expected, Duration::from_secs(180))
+        .expect_one_complete_job_per_event(&expected)
         .await;
     engine.shutdown().await;
     observer.finish();

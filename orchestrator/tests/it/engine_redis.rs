@@ -101,7 +101,7 @@ spec:
     );
     let engine = start_engine(&client, &yaml, state.path()).await;
     observer
-        .expect_one_complete_job_per_event(&expected, Duration::from_secs(180))
+        .expect_one_complete_job_per_event(&expected)
         .await;
     wait_nothing_pending(&stream, "spate").await;
     engine.shutdown().await;

@@ -125,11 +125,11 @@ spec:
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     observer
-        .expect_one_complete_job_per_event(&ids, Duration::from_secs(120))
+        .expect_one_complete_job_per_event(&ids)
         .await;
     let keys_run: HashSet<String> = observer.event_keys();
     assert_eq!(keys_run, expected_keys, "every upload, exactly as named");
-    observer.expect_back_to_zero(Duration::from_secs(60)).await;
+    observer.expect_back_to_zero().await;
     engine.shutdown().await;
     let census = observer.finish();
     assert!(census.peak > 0 && census.peak <= 25, "peak {}", census.peak);
@@ -200,9 +200,9 @@ spec:
         .map(|sequence| format!("{stream}:{sequence}"))
         .collect();
     observer
-        .expect_one_complete_job_per_event(&expected, Duration::from_secs(120))
+        .expect_one_complete_job_per_event(&expected)
         .await;
-    observer.expect_back_to_zero(Duration::from_secs(60)).await;
+    observer.expect_back_to_zero().await;
     engine.shutdown().await;
     let census = observer.finish();
     assert!(census.peak > 0 && census.peak <= 40, "peak {}", census.peak);
