@@ -103,9 +103,7 @@ async fn burst(burst: Burst) -> PodCensus {
     let engine = start_engine(&client, &yaml, state.path()).await;
 
     let expected: HashSet<String> = ids("msg", 0, burst.events).collect();
-    observer
-        .expect_one_complete_job_per_event(&expected)
-        .await;
+    observer.expect_one_complete_job_per_event(&expected).await;
     observer.expect_back_to_zero().await;
     engine.shutdown().await;
     let census = observer.finish();

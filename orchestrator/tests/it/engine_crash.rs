@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    AMQP, await_jobs, connect_amqp, delete_queues, ids, list_jobs_per_event, messages_left, publish,
-    spawn_spate_run, spawn_spate_run_with_metrics,
+    AMQP, await_jobs, connect_amqp, delete_queues, ids, list_jobs_per_event, messages_left,
+    publish, spawn_spate_run, spawn_spate_run_with_metrics,
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::Api;
@@ -58,20 +58,30 @@ spec:
 
     let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
     // Kill it once part of the burst has Jobs, with creates and acks surely in flight.
-    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
-        Ok(())
-    })
+    await_jobs(
+        &jobs,
+        &selector,
+        events / 4,
+        Duration::from_millis(50),
+        || async { Ok(()) },
+    )
     .await;
     first.kill().unwrap();
     first.wait().unwrap();
 
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
-        match messages_left(&connection, &queue).await {
-            0 => Ok(()),
-            left => Err(format!("every event has a Job, {left} still in the queue")),
-        }
-    })
+    let owners = await_jobs(
+        &jobs,
+        &selector,
+        events,
+        Duration::from_millis(200),
+        || async {
+            match messages_left(&connection, &queue).await {
+                0 => Ok(()),
+                left => Err(format!("every event has a Job, {left} still in the queue")),
+            }
+        },
+    )
     .await;
     second.kill().unwrap();
     second.wait().unwrap();

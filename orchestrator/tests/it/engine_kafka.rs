@@ -79,9 +79,7 @@ spec:
         template = job_template(0.1),
     );
     let engine = start_engine(&client, &yaml, state.path()).await;
-    observer
-        .expect_one_complete_job_per_event(&expected)
-        .await;
+    observer.expect_one_complete_job_per_event(&expected).await;
     wait_committed_to_the_end(&group, &topic).await;
     engine.shutdown().await;
     observer.finish();
@@ -138,9 +136,13 @@ spec:
     let selector = format!("spate.dev/pipeline={name}");
 
     let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
-        Ok(())
-    })
+    await_jobs(
+        &jobs,
+        &selector,
+        events / 4,
+        Duration::from_millis(50),
+        || async { Ok(()) },
+    )
     .await;
     first.kill().unwrap();
     first.wait().unwrap();
@@ -152,9 +154,13 @@ spec:
     // The killed member's session expires (6s) before the group gives its partitions to the
     // restarted one, which resumes from the committed watermarks.
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
-        Ok(())
-    })
+    let owners = await_jobs(
+        &jobs,
+        &selector,
+        events,
+        Duration::from_millis(200),
+        || async { Ok(()) },
+    )
     .await;
     wait_committed_to_the_end(&group, &topic).await;
     second.kill().unwrap();

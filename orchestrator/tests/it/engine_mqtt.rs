@@ -102,9 +102,7 @@ spec:
     let engine = start_engine(&client, &yaml, state.path()).await;
     publish(&topic, ids("msg", 0, events));
     let expected: HashSet<String> = ids("msg", 0, events).collect();
-    observer
-        .expect_one_complete_job_per_event(&expected)
-        .await;
+    observer.expect_one_complete_job_per_event(&expected).await;
     engine.shutdown().await;
     observer.finish();
     // Every message was acknowledged: the persistent session has nothing left to deliver.
@@ -179,9 +177,13 @@ spec:
     let topic_for_publish = topic.clone();
     let publisher = std::thread::spawn(move || publish(&topic_for_publish, ids("m", 0, events)));
     // Kill it once part of the burst has Jobs, with creates and acks surely in flight.
-    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
-        Ok(())
-    })
+    await_jobs(
+        &jobs,
+        &selector,
+        events / 4,
+        Duration::from_millis(50),
+        || async { Ok(()) },
+    )
     .await;
     first.kill().unwrap();
     first.wait().unwrap();
@@ -193,9 +195,13 @@ spec:
     );
 
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
-        Ok(())
-    })
+    let owners = await_jobs(
+        &jobs,
+        &selector,
+        events,
+        Duration::from_millis(200),
+        || async { Ok(()) },
+    )
     .await;
     // A graceful stop sends the last PUBACKs.
     let signalled = Command::new("kill")

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Observer, await_jobs, install_crd, job_template, list_jobs_per_event, redis_cli, spawn_spate_run,
-    start_engine,
+    Observer, await_jobs, install_crd, job_template, list_jobs_per_event, redis_cli,
+    spawn_spate_run, start_engine,
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -100,9 +100,7 @@ spec:
         template = job_template(0.1),
     );
     let engine = start_engine(&client, &yaml, state.path()).await;
-    observer
-        .expect_one_complete_job_per_event(&expected)
-        .await;
+    observer.expect_one_complete_job_per_event(&expected).await;
     wait_nothing_pending(&stream, "spate").await;
     engine.shutdown().await;
     observer.finish();
@@ -150,9 +148,13 @@ spec:
     let selector = format!("spate.dev/pipeline={name}");
 
     let mut first = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    await_jobs(&jobs, &selector, events / 4, Duration::from_millis(50), || async {
-        Ok(())
-    })
+    await_jobs(
+        &jobs,
+        &selector,
+        events / 4,
+        Duration::from_millis(50),
+        || async { Ok(()) },
+    )
     .await;
     first.kill().unwrap();
     first.wait().unwrap();
@@ -162,12 +164,18 @@ spec:
     );
 
     let mut second = spawn_spate_run(&pipeline, &kubeconfig, &dir.path().join("state"));
-    let owners = await_jobs(&jobs, &selector, events, Duration::from_millis(200), || async {
-        match pending(&stream, "spate") {
-            0 => Ok(()),
-            left => Err(format!("every entry has a Job, {left} still pending")),
-        }
-    })
+    let owners = await_jobs(
+        &jobs,
+        &selector,
+        events,
+        Duration::from_millis(200),
+        || async {
+            match pending(&stream, "spate") {
+                0 => Ok(()),
+                left => Err(format!("every entry has a Job, {left} still pending")),
+            }
+        },
+    )
     .await;
     second.kill().unwrap();
     second.wait().unwrap();

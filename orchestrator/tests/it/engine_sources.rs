@@ -124,9 +124,7 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    observer
-        .expect_one_complete_job_per_event(&ids)
-        .await;
+    observer.expect_one_complete_job_per_event(&ids).await;
     let keys_run: HashSet<String> = observer.event_keys();
     assert_eq!(keys_run, expected_keys, "every upload, exactly as named");
     observer.expect_back_to_zero().await;
@@ -199,9 +197,7 @@ spec:
     let expected: HashSet<String> = (1..=500)
         .map(|sequence| format!("{stream}:{sequence}"))
         .collect();
-    observer
-        .expect_one_complete_job_per_event(&expected)
-        .await;
+    observer.expect_one_complete_job_per_event(&expected).await;
     observer.expect_back_to_zero().await;
     engine.shutdown().await;
     let census = observer.finish();

@@ -1,12 +1,12 @@
 //! The sources' integration tests against the real brokers, one binary. `amqp_restart.rs` stays
 //! a binary of its own: `rabbitmqctl stop_app` would cut every other test's connection.
 
-#[path = "../support/kafka.rs"]
-mod kafka_broker;
 mod amqp;
 mod broker_restarts;
 mod cron;
 mod kafka;
+#[path = "../support/kafka.rs"]
+mod kafka_broker;
 mod mqtt;
 mod nats;
 mod nats_restart;
