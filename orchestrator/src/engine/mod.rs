@@ -16,6 +16,8 @@ pub mod http;
 mod index;
 mod intake;
 pub mod leader;
+#[cfg(test)]
+mod model;
 pub mod secrets;
 mod sinks;
 pub mod stats;
