@@ -90,12 +90,17 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
     if failed {
         return Ok(ExitCode::FAILURE);
     }
+    let client = cluster.client().await?;
+    // `-n`, else the kubeconfig context's namespace, as for every other verb.
+    let namespace = cluster
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
     for loaded in &mut pipelines {
         if loaded.pipeline.metadata.namespace.is_none() {
-            loaded.pipeline.metadata.namespace = cluster.namespace.clone();
+            loaded.pipeline.metadata.namespace = Some(namespace.clone());
         }
     }
-    let client = cluster.client().await?;
     let stop = CancellationToken::new();
     let webhooks = if pipelines
         .iter()

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -34,37 +35,109 @@ impl JobUsage {
     }
 }
 
+/// A budget and the ones drawing from it (the namespace's cap and its pipelines) share one
+/// lock, so a reservation checks and takes room on every level at once: two pipelines
+/// reserving together cannot both take the namespace's last pod.
 #[derive(Debug, Default)]
-struct Usage {
-    jobs: HashMap<String, u32>,
-    total: u32,
-}
-
-impl Usage {
-    fn set(&mut self, job: &str, pods: u32) {
-        let previous = if pods == 0 {
-            self.jobs.remove(job)
-        } else {
-            self.jobs.insert(job.to_string(), pods)
-        };
-        self.total = self.total - previous.unwrap_or(0) + pods;
-    }
-}
-
-/// A pod budget shared by the intake (which reserves before creating a Job) and the tracker
-/// (which reports what the Job watch sees). Cloning shares it.
-#[derive(Debug, Clone)]
-pub struct Budget {
-    inner: Arc<BudgetInner>,
+struct Tree {
+    nodes: Mutex<HashMap<u64, Node>>,
+    /// Any release in the tree may make room for any waiting reservation in it.
+    freed: Notify,
 }
 
 #[derive(Debug)]
-struct BudgetInner {
+struct Node {
     limit: u32,
-    usage: Mutex<Usage>,
-    freed: Notify,
-    /// A namespace-wide budget this one also draws from.
-    parent: Option<Budget>,
+    parent: Option<u64>,
+    /// Pods per Job of this budget itself.
+    jobs: HashMap<String, u32>,
+    /// Its own Jobs' pods plus every child budget's total.
+    total: u32,
+}
+
+/// Identifies budgets for good: a pointer could be handed to a later budget once this one is
+/// gone.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Adds `added` and removes `removed` from the totals of `from` and of every budget above it.
+fn shift(nodes: &mut HashMap<u64, Node>, from: Option<u64>, removed: u32, added: u32) {
+    let mut next = from;
+    while let Some(id) = next {
+        let Some(node) = nodes.get_mut(&id) else {
+            return;
+        };
+        node.total = node.total.saturating_sub(removed).saturating_add(added);
+        next = node.parent;
+    }
+}
+
+/// Pods `id` may still take: the least room left on its way up. None at all once it (or a
+/// budget above it) is closed.
+fn room(nodes: &HashMap<u64, Node>, id: u64) -> u32 {
+    let mut free = u32::MAX;
+    let mut next = Some(id);
+    while let Some(id) = next {
+        let Some(node) = nodes.get(&id) else {
+            return 0;
+        };
+        free = free.min(node.limit.saturating_sub(node.total));
+        next = node.parent;
+    }
+    free
+}
+
+/// Sets `job`'s pods in budget `id`; true when that made room.
+fn set(nodes: &mut HashMap<u64, Node>, id: u64, job: &str, pods: u32) -> bool {
+    let Some(node) = nodes.get_mut(&id) else {
+        return false;
+    };
+    let previous = if pods == 0 {
+        node.jobs.remove(job)
+    } else {
+        node.jobs.insert(job.to_string(), pods)
+    }
+    .unwrap_or(0);
+    shift(nodes, Some(id), previous, pods);
+    pods < previous
+}
+
+/// A pod budget shared by the intake (which reserves before creating a Job) and the tracker
+/// (which reports what the Job watch sees). Cloning shares it. Closing it, or dropping its last
+/// clone, gives its pods back to the budget it draws from.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    inner: Arc<Handle>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    tree: Arc<Tree>,
+    id: u64,
+    limit: u32,
+    /// Keeps the namespace's budget alive while this one draws from it.
+    _parent: Option<Budget>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        close(&self.tree, self.id);
+    }
+}
+
+fn close(tree: &Tree, id: u64) {
+    let freed = {
+        let mut nodes = tree.nodes.lock();
+        match nodes.remove(&id) {
+            Some(node) => {
+                shift(&mut nodes, node.parent, node.total, 0);
+                node.total > 0
+            }
+            None => false,
+        }
+    };
+    if freed {
+        tree.freed.notify_waiters();
+    }
 }
 
 impl Budget {
@@ -74,12 +147,25 @@ impl Budget {
 
     /// A budget that also counts against `parent` (the namespace's cap across pipelines).
     pub fn with_parent(limit: u32, parent: Option<Budget>) -> Self {
-        Budget {
-            inner: Arc::new(BudgetInner {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let tree = parent
+            .as_ref()
+            .map_or_else(Arc::default, |parent| parent.inner.tree.clone());
+        tree.nodes.lock().insert(
+            id,
+            Node {
                 limit,
-                usage: Mutex::new(Usage::default()),
-                freed: Notify::new(),
-                parent,
+                parent: parent.as_ref().map(|parent| parent.inner.id),
+                jobs: HashMap::new(),
+                total: 0,
+            },
+        );
+        Budget {
+            inner: Arc::new(Handle {
+                tree,
+                id,
+                limit,
+                _parent: parent,
             }),
         }
     }
@@ -88,47 +174,35 @@ impl Budget {
         self.inner.limit
     }
 
-    /// Pods counted now.
+    /// Pods counted now (for a namespace budget, those of every pipeline drawing from it).
     pub fn in_use(&self) -> u32 {
-        self.inner.usage.lock().total
-    }
-
-    fn free(&self) -> u32 {
-        let own = self.inner.limit.saturating_sub(self.in_use());
-        match &self.inner.parent {
-            Some(parent) => own.min(parent.free()),
-            None => own,
-        }
+        self.inner
+            .tree
+            .nodes
+            .lock()
+            .get(&self.inner.id)
+            .map_or(0, |node| node.total)
     }
 
     /// Waits until at least one pod fits, then reserves up to `wanted` pods for `job` and
     /// returns how many were reserved (at least 1). An indexed Job is created with that
     /// parallelism, so it starts with what is free instead of waiting for the whole budget.
+    /// A closed budget has no room: its reservations wait for good.
     pub async fn reserve(&self, job: &str, wanted: u32) -> u32 {
+        let tree = &self.inner.tree;
         loop {
             // Created before looking, so a release between the look and the wait still wakes
             // us: `notify_waiters` reaches every `Notified` that exists, polled or not.
-            let own = self.inner.freed.notified();
-            let parent = self
-                .inner
-                .parent
-                .as_ref()
-                .map(|parent| parent.inner.freed.notified());
-            let granted = self.free().min(wanted.max(1));
-            if granted > 0 {
-                self.set(job, granted);
-                return granted;
-            }
-            match parent {
-                // Either budget freeing pods may make room.
-                Some(parent) => {
-                    tokio::select! {
-                        _ = own => {}
-                        _ = parent => {}
-                    }
+            let freed = tree.freed.notified();
+            {
+                let mut nodes = tree.nodes.lock();
+                let granted = room(&nodes, self.inner.id).min(wanted.max(1));
+                if granted > 0 {
+                    set(&mut nodes, self.inner.id, job, granted);
+                    return granted;
                 }
-                None => own.await,
             }
+            freed.await;
         }
     }
 
@@ -142,18 +216,28 @@ impl Budget {
         self.set(job, 0);
     }
 
+    /// Gives every pod back to the budget above, for good: the pipeline stopped.
+    pub fn close(&self) {
+        close(&self.inner.tree, self.inner.id);
+    }
+
+    /// The pods counted per Job.
+    #[cfg(test)]
+    pub fn jobs(&self) -> HashMap<String, u32> {
+        self.inner
+            .tree
+            .nodes
+            .lock()
+            .get(&self.inner.id)
+            .map(|node| node.jobs.clone())
+            .unwrap_or_default()
+    }
+
     fn set(&self, job: &str, pods: u32) {
-        let freed = {
-            let mut usage = self.inner.usage.lock();
-            let before = usage.total;
-            usage.set(job, pods);
-            usage.total < before
-        };
-        if let Some(parent) = &self.inner.parent {
-            parent.set(&format!("{:p}/{job}", Arc::as_ptr(&self.inner)), pods);
-        }
+        let tree = &self.inner.tree;
+        let freed = set(&mut tree.nodes.lock(), self.inner.id, job, pods);
         if freed {
-            self.inner.freed.notify_waiters();
+            tree.freed.notify_waiters();
         }
     }
 }
@@ -226,5 +310,37 @@ mod tests {
         assert!(!waiting.is_finished());
         first.release("a");
         assert_eq!(waiting.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_pipeline_gives_its_pods_back_to_the_namespace() {
+        let namespace = Budget::new(4);
+        let dropped = Budget::with_parent(3, Some(namespace.clone()));
+        assert_eq!(dropped.reserve("a", 3).await, 3);
+        drop(dropped);
+        assert_eq!(namespace.in_use(), 0, "a dropped budget holds nothing");
+
+        let closed = Budget::with_parent(4, Some(namespace.clone()));
+        let status_copy = closed.clone();
+        assert_eq!(closed.reserve("a", 4).await, 4);
+        let waiting = {
+            let next = Budget::with_parent(4, Some(namespace.clone()));
+            tokio::spawn(async move { next.reserve("b", 4).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        closed.close();
+        assert_eq!(
+            namespace.in_use(),
+            0,
+            "closed, though a copy (the status) is still around"
+        );
+        assert_eq!(
+            waiting.await.unwrap(),
+            4,
+            "the namespace's whole cap is back for the pipeline that restarted"
+        );
+        // What the stopped pipeline's tasks still report does not count any more.
+        status_copy.observe("late", running(1, 1, 0));
+        assert_eq!(namespace.in_use(), 0);
     }
 }

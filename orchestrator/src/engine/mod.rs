@@ -16,6 +16,8 @@ pub mod http;
 mod index;
 mod intake;
 pub mod leader;
+#[cfg(test)]
+mod model;
 pub mod secrets;
 mod sinks;
 pub mod stats;
@@ -233,6 +235,11 @@ impl Engine {
         self.everything.cancel();
         while self.flow.join_next().await.is_some() {}
         while self.watchers.join_next().await.is_some() {}
+        // The status keeps a copy of each budget: closing, not dropping, is what gives a
+        // stopped pipeline's pods back to the namespace's cap.
+        for pipeline in &self.pipelines {
+            pipeline.budget.close();
+        }
     }
 
     /// Runs until `until` fires (`true`), or until every pipeline's flow has ended on its own

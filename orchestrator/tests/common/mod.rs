@@ -5,6 +5,8 @@
 // Each test binary uses a part of this module.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
 use std::sync::Arc;
@@ -43,7 +45,7 @@ impl PodCensus {
 /// Job name → (its event ids, complete).
 type SeenJobs = BTreeMap<String, (Vec<String>, bool)>;
 
-/// Watches a pipeline's pods and Jobs for the whole test.
+/// Watches a pipeline's pods and Jobs, in the client's default namespace, for the whole test.
 pub struct Observer {
     census: Arc<Mutex<PodCensus>>,
     jobs: Arc<Mutex<SeenJobs>>,
@@ -59,7 +61,7 @@ impl Observer {
         let selector = format!("spate.dev/pipeline={pipeline}");
         let census = Arc::new(Mutex::new(PodCensus::default()));
         let jobs = Arc::new(Mutex::new(BTreeMap::new()));
-        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let pods: Api<Pod> = Api::default_namespaced(client.clone());
         let watch_census = census.clone();
         let pod_watch = tokio::spawn(
             watcher(pods, watcher::Config::default().labels(&selector))
@@ -72,7 +74,7 @@ impl Observer {
                     }
                 }),
         );
-        let job_api: Api<Job> = Api::namespaced(client.clone(), "default");
+        let job_api: Api<Job> = Api::default_namespaced(client.clone());
         let watch_jobs = jobs.clone();
         let keys = Arc::new(Mutex::new(HashSet::new()));
         let watch_keys = keys.clone();
@@ -154,8 +156,8 @@ impl Observer {
     /// nothing left for [`STALL`].
     pub async fn expect_back_to_zero(&self) {
         let list = ListParams::default().labels(&self.selector);
-        let jobs: Api<Job> = Api::namespaced(self.client.clone(), "default");
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
+        let jobs: Api<Job> = Api::default_namespaced(self.client.clone());
+        let pods: Api<Pod> = Api::default_namespaced(self.client.clone());
         let mut fewest = usize::MAX;
         let mut moved = tokio::time::Instant::now();
         loop {

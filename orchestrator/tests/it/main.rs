@@ -23,6 +23,7 @@ mod kafka_broker;
 mod kubectl_pipeline;
 mod least_privilege;
 mod naming_props;
+mod real_cluster;
 mod render;
 mod secrets_in_logs;
 mod validate;

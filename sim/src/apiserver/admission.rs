@@ -190,8 +190,35 @@ pub fn check_strict_fields(info: &ResourceInfo, object: &Value) -> Result<(), Ap
     }
 }
 
+/// The most bytes an object's annotations may take, keys and values together
+/// (apimachinery's `TotalAnnotationSizeLimitB`). Client-side `kubectl apply` copies the whole
+/// object into an annotation, so it is the first limit a large object (a CRD) meets.
+pub const TOTAL_ANNOTATION_SIZE_LIMIT: usize = 256 * 1024;
+
+/// Refuses annotations over [`TOTAL_ANNOTATION_SIZE_LIMIT`], on every kind, as the real
+/// server's object-meta validation does on create and update.
+fn check_annotation_size(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
+    let total: usize = object
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .map(|annotations| {
+            annotations
+                .iter()
+                .map(|(key, value)| key.len() + value.as_str().map_or(0, str::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    if total > TOTAL_ANNOTATION_SIZE_LIMIT {
+        let name = meta_str(object, "name").unwrap_or_default().to_owned();
+        let cause = Cause::too_long("metadata.annotations", TOTAL_ANNOTATION_SIZE_LIMIT);
+        return Err(ApiError::invalid(info, &name, vec![cause]));
+    }
+    Ok(())
+}
+
 /// Applies the per-kind defaults and validation run on create.
 pub fn admit_create(info: &ResourceInfo, object: &mut Value, uid: &str) -> Result<(), ApiError> {
+    check_annotation_size(info, object)?;
     match (info.group.as_str(), info.kind.as_str()) {
         ("batch", "Job") => default_job(info, object, uid),
         ("", "Pod") => {
@@ -223,6 +250,7 @@ pub fn admit_create(info: &ResourceInfo, object: &mut Value, uid: &str) -> Resul
 
 /// Validation repeated on every update.
 pub fn admit_update(info: &ResourceInfo, old: &Value, new: &mut Value) -> Result<(), ApiError> {
+    check_annotation_size(info, new)?;
     match (info.group.as_str(), info.kind.as_str()) {
         ("batch", "Job") => {
             let name = meta_str(new, "name").unwrap_or_default().to_owned();
@@ -494,6 +522,25 @@ mod tests {
             .lookup("batch", "v1", "jobs")
             .unwrap())
         .clone()
+    }
+
+    #[test]
+    fn annotations_may_total_256_kib_keys_included() {
+        let configmaps = (*Registry::with_builtins()
+            .lookup("", "v1", "configmaps")
+            .unwrap())
+        .clone();
+        let with_value = |len: usize| json!({"metadata": {"name": "big", "annotations": {"a": "x".repeat(len)}}});
+        let mut fits = with_value(TOTAL_ANNOTATION_SIZE_LIMIT - 1);
+        assert!(admit_create(&configmaps, &mut fits, "u").is_ok());
+        let mut over = with_value(TOTAL_ANNOTATION_SIZE_LIMIT);
+        let error = admit_create(&configmaps, &mut over, "u").unwrap_err();
+        assert_eq!(error.code, 422);
+        assert_eq!(
+            error.message,
+            "ConfigMap \"big\" is invalid: metadata.annotations: Too long: must have at most 262144 bytes"
+        );
+        assert!(admit_update(&configmaps, &fits, &mut over).is_err());
     }
 
     fn job(restart_policy: Option<&str>) -> Value {

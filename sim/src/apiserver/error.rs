@@ -43,6 +43,15 @@ impl Cause {
         }
     }
 
+    /// A value over a size limit, in the real server's words.
+    pub fn too_long(field: &str, max_bytes: usize) -> Self {
+        Self {
+            reason: "FieldValueTooLong",
+            field: field.to_owned(),
+            message: format!("Too long: must have at most {max_bytes} bytes"),
+        }
+    }
+
     /// A value outside an enumerated set.
     pub fn not_supported(field: &str, value: &str, supported: &[&str]) -> Self {
         let supported: Vec<String> = supported.iter().map(|s| format!("\"{s}\"")).collect();

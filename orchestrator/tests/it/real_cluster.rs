@@ -1,0 +1,308 @@
+//! The end-to-end set written once and run twice, on the simulator and on a real Kubernetes
+//! v1.28.7 control plane (`scripts/kube`, with spate-sim's node agent as its virtual-kubelet
+//! node), asserting the same counts on both: what the simulator lets pass, the real API
+//! server, Job controller, TTL controller and scheduler must let pass too.
+
+use crate::common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::cluster::{Kind, TestCluster};
+use common::{
+    AMQP, Observer, await_jobs, connect_amqp, delete_queues, ids, messages_left, publish,
+    spawn_spate_run,
+};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, PostParams};
+
+fn write_pipeline(
+    dir: &Path,
+    name: &str,
+    queue: &str,
+    fanout: &str,
+    ttl: u32,
+) -> std::path::PathBuf {
+    let pipeline = dir.join("pipeline.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: {name}
+spec:
+  source:
+    amqp: {{url: "{AMQP}", queue: {queue}, prefetch: 100}}
+  fanout: {fanout}
+  retry: {{maxAttempts: 20, initialBackoff: 50ms, maxBackoff: 1s}}
+  ttlSecondsAfterFinished: {ttl}
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers: [{{name: work, image: busybox}}]
+"#
+        ),
+    )
+    .unwrap();
+    pipeline
+}
+
+/// `spate run -f` SIGKILLed once a quarter of a burst has Jobs, then restarted: every event
+/// ends in exactly one Job (indexed: in exactly one Job's index), none is lost, the queue is
+/// empty.
+async fn sigkill_mid_burst(kind: Kind, mode: &str) {
+    let events = 400;
+    let name = format!("crash-{}", mode.to_lowercase());
+    let cluster = TestCluster::start(kind, &format!("real-cluster-{name}")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("spate-rc-{name}-{kind:?}-{}", std::process::id());
+    let connection = connect_amqp().await;
+    delete_queues(&connection, &[&queue]).await;
+    publish(&connection, &queue, ids("m", 0, events)).await;
+    let fanout = format!(
+        "{{mode: {mode}, batchSize: 20, maxWait: 200ms, maxParallelism: 1000, maxJobsPerSecond: 2000, burst: 500}}"
+    );
+    let pipeline = write_pipeline(dir.path(), &name, &queue, &fanout, 600);
+    let jobs = cluster.jobs();
+    let selector = format!("spate.dev/pipeline={name}");
+    let state = dir.path().join("state");
+
+    let mut first = spawn_spate_run(&pipeline, cluster.kubeconfig(), &state);
+    await_jobs(
+        &jobs,
+        &selector,
+        events / 4,
+        Duration::from_millis(50),
+        || async { Ok(()) },
+    )
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = common::list_jobs_per_event(&jobs, &selector).await.len();
+
+    let mut second = spawn_spate_run(&pipeline, cluster.kubeconfig(), &state);
+    let owners = await_jobs(
+        &jobs,
+        &selector,
+        events,
+        Duration::from_millis(200),
+        || async {
+            match messages_left(&connection, &queue).await {
+                0 => Ok(()),
+                left => Err(format!("every event has a Job, {left} still in the queue")),
+            }
+        },
+    )
+    .await;
+    // SIGTERM, not SIGKILL: with the consumer alive the queue counts only unsent messages, so
+    // an acknowledgement still on its way would come back as a message left after a kill.
+    // A graceful stop sends those acknowledgements first.
+    let signalled = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = second.wait();
+        (second, status)
+    })
+    .await
+    .unwrap();
+    assert!(exited.1.unwrap().success(), "{kind:?}: spate run failed");
+    let job_count = jobs
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .len();
+    eprintln!(
+        "{kind:?} {mode}: {} events with a Job ({at_kill} at the kill), {job_count} Jobs, {} messages left",
+        owners.len(),
+        messages_left(&connection, &queue).await
+    );
+
+    let twice: Vec<_> = owners.iter().filter(|(_, count)| **count != 1).collect();
+    assert!(twice.is_empty(), "{kind:?}: events in two Jobs: {twice:?}");
+    let mut expected: Vec<String> = ids("m", 0, events).collect();
+    expected.sort();
+    assert_eq!(owners.keys().cloned().collect::<Vec<_>>(), expected);
+    if mode == "perEvent" {
+        assert_eq!(job_count, events, "{kind:?}: one Job per event");
+    }
+    assert_eq!(messages_left(&connection, &queue).await, 0);
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}
+
+/// A burst whose Jobs finish and, with a TTL of a second, are removed by the TTL controller
+/// (and their pods by the garbage collector): back to zero.
+async fn ttl_back_to_zero(kind: Kind) {
+    let events = 60;
+    let name = "ttl-zero";
+    let cluster = TestCluster::start(kind, "real-cluster-ttl").await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("spate-rc-ttl-{kind:?}-{}", std::process::id());
+    let connection = connect_amqp().await;
+    delete_queues(&connection, &[&queue]).await;
+    let observer = Observer::start(&cluster.client(), name);
+    let pipeline = write_pipeline(dir.path(), name, &queue, "{maxParallelism: 30}", 1);
+    // Published first: publishing declares the queue, which the source expects to exist.
+    publish(&connection, &queue, ids("t", 0, events)).await;
+    let mut spate = spawn_spate_run(&pipeline, cluster.kubeconfig(), &dir.path().join("state"));
+    let expected: HashSet<String> = ids("t", 0, events).collect();
+    observer.expect_one_complete_job_per_event(&expected).await;
+    observer.expect_back_to_zero().await;
+    spate.kill().unwrap();
+    spate.wait().unwrap();
+    let census = observer.finish();
+    eprintln!(
+        "{kind:?} ttl: {events} events, one complete Job each, back to zero; pods in flight peak {}, per node {:?}",
+        census.peak, census.node_peak
+    );
+    assert!(census.peak > 0, "{kind:?}: no pod was ever seen running");
+    assert_eq!(
+        census.node_peak.keys().collect::<Vec<_>>(),
+        vec![cluster.node()],
+        "{kind:?}: every pod on the virtual node"
+    );
+    assert_eq!(messages_left(&connection, &queue).await, 0);
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}
+
+const TOO_LONG: &str = "metadata.annotations: Too long: must have at most 262144 bytes";
+
+fn config_map(name: &str, value_bytes: usize) -> ConfigMap {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": {"a": "x".repeat(value_bytes)}}
+    }))
+    .unwrap()
+}
+
+/// Annotations may total 262144 bytes, keys included; one more is `422 Invalid` on create and
+/// on update, with the real server's message. Client-side `kubectl apply` of the Pipeline CRD
+/// meets that limit (its last-applied annotation holds the whole CRD); `--server-side` does not.
+async fn annotations_over_256_kib(kind: Kind) {
+    let cluster = TestCluster::start(kind, "real-cluster-annotations").await;
+    let config_maps: Api<ConfigMap> = Api::default_namespaced(cluster.client());
+    let post = PostParams::default();
+    let mut fits = config_maps
+        .create(&post, &config_map("fits", 262_143))
+        .await
+        .unwrap_or_else(|e| panic!("{kind:?}: 262144 bytes of annotations refused: {e}"));
+    let over = config_maps
+        .create(&post, &config_map("over", 262_144))
+        .await
+        .expect_err("262145 bytes of annotations accepted");
+    let kube::Error::Api(over) = over else {
+        panic!("{kind:?}: not an API error: {over}");
+    };
+    assert_eq!(
+        (over.code, over.reason.as_str(), over.message.as_str()),
+        (
+            422,
+            "Invalid",
+            &*format!("ConfigMap \"over\" is invalid: {TOO_LONG}")
+        ),
+        "{kind:?}"
+    );
+    fits.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("b".into(), "y".into());
+    let grown = config_maps
+        .replace("fits", &post, &fits)
+        .await
+        .expect_err("an update to 262146 bytes of annotations accepted");
+    let kube::Error::Api(grown) = grown else {
+        panic!("{kind:?}: not an API error: {grown}");
+    };
+    assert_eq!(
+        (grown.code, grown.message.as_str()),
+        (422, &*format!("ConfigMap \"fits\" is invalid: {TOO_LONG}")),
+        "{kind:?}"
+    );
+
+    let crd = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .arg("crd")
+        .output()
+        .unwrap();
+    assert!(crd.status.success());
+    let kubeconfig = cluster.kubeconfig().to_owned();
+    let (client_side, server_side) = tokio::task::spawn_blocking(move || {
+        let apply = |extra: &[&str]| {
+            let mut child = Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .arg("apply")
+                .args(extra)
+                .args(["-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("kubectl on PATH (scripts/test installs it)");
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(&crd.stdout).unwrap();
+            child.wait_with_output().unwrap()
+        };
+        (apply(&[]), apply(&["--server-side"]))
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&client_side.stderr);
+    assert!(
+        !client_side.status.success() && stderr.contains(TOO_LONG),
+        "{kind:?}: client-side kubectl apply of the CRD: {stderr}"
+    );
+    assert!(
+        server_side.status.success(),
+        "{kind:?}: server-side kubectl apply of the CRD: {}",
+        String::from_utf8_lossy(&server_side.stderr)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_burst_per_event_on_sim() {
+    sigkill_mid_burst(Kind::Sim, "perEvent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_burst_per_event_on_real() {
+    sigkill_mid_burst(Kind::Real, "perEvent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_burst_indexed_on_sim() {
+    sigkill_mid_burst(Kind::Sim, "indexed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_burst_indexed_on_real() {
+    sigkill_mid_burst(Kind::Real, "indexed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ttl_back_to_zero_on_sim() {
+    ttl_back_to_zero(Kind::Sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ttl_back_to_zero_on_real() {
+    ttl_back_to_zero(Kind::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotations_over_256_kib_on_sim() {
+    annotations_over_256_kib(Kind::Sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotations_over_256_kib_on_real() {
+    annotations_over_256_kib(Kind::Real).await;
+}
