@@ -225,7 +225,8 @@ pub fn admit_create(info: &ResourceInfo, object: &mut Value, uid: &str) -> Resul
             if let Some(spec) = object.get_mut("spec") {
                 default_pod_spec(spec);
             }
-            object["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+            let qos = object.get("spec").map_or("BestEffort", qos_class);
+            object["status"] = json!({"phase": "Pending", "qosClass": qos});
             Ok(())
         }
         ("", "Namespace") => {
@@ -354,6 +355,45 @@ fn crd_status(crd: &mut Value) {
             {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": now},
         ],
     });
+}
+
+/// The pod's QoS class as the real API server computes it at creation: `BestEffort` without
+/// any cpu or memory request or limit, `Guaranteed` when every container limits both and
+/// requests what it limits (an absent request defaults to the limit), else `Burstable`.
+/// Quantities compare as written, so `1` and `1000m` count as different.
+fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .filter_map(|field| spec.get(*field).and_then(Value::as_array))
+        .flatten()
+        .collect();
+    let quantity = |container: &Value, kind: &str, resource: &str| {
+        container
+            .pointer(&format!("/resources/{kind}/{resource}"))
+            .and_then(Value::as_str)
+            .filter(|q| !q.trim_start_matches(['0', '.']).is_empty())
+            .map(str::to_owned)
+    };
+    let resources = ["cpu", "memory"];
+    let any = containers.iter().any(|c| {
+        resources
+            .iter()
+            .any(|r| quantity(c, "requests", r).is_some() || quantity(c, "limits", r).is_some())
+    });
+    if !any {
+        return "BestEffort";
+    }
+    let guaranteed = containers.iter().all(|c| {
+        resources.iter().all(|r| match quantity(c, "limits", r) {
+            Some(limit) => quantity(c, "requests", r).is_none_or(|request| request == limit),
+            None => false,
+        })
+    });
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
 }
 
 /// Pod spec defaults the real API server fills in.
@@ -541,6 +581,27 @@ mod tests {
             "ConfigMap \"big\" is invalid: metadata.annotations: Too long: must have at most 262144 bytes"
         );
         assert!(admit_update(&configmaps, &fits, &mut over).is_err());
+    }
+
+    #[test]
+    fn qos_class_follows_requests_and_limits() {
+        let pod = |resources: Value| json!({"containers": [{"name": "c", "resources": resources}]});
+        assert_eq!(qos_class(&pod(json!({}))), "BestEffort");
+        assert_eq!(
+            qos_class(&pod(json!({"requests": {"cpu": "100m"}}))),
+            "Burstable"
+        );
+        assert_eq!(
+            qos_class(&pod(json!({"limits": {"cpu": "1", "memory": "1Gi"}}))),
+            "Guaranteed"
+        );
+        assert_eq!(
+            qos_class(&pod(json!({
+                "requests": {"cpu": "500m", "memory": "1Gi"},
+                "limits": {"cpu": "1", "memory": "1Gi"}
+            }))),
+            "Burstable"
+        );
     }
 
     fn job(restart_policy: Option<&str>) -> Value {

@@ -255,7 +255,8 @@ impl PodRun {
             pod_ips: self.pod_ip.clone().map(|ip| vec![PodIP { ip }]),
             start_time: self.start_time.map(Time),
             container_statuses: Some(container_statuses),
-            qos_class: Some("BestEffort".to_owned()),
+            // Left out: the API server computed it from the resources at creation, and a merge
+            // patch keeps it (writing BestEffort relabelled every Burstable pod).
             ..PodStatus::default()
         }
     }
@@ -280,6 +281,7 @@ mod tests {
         let mut run = PodRun::new(&pod(), "127.0.0.1");
         let pending = run.status(now);
         assert_eq!(pending.phase.as_deref(), Some("Pending"));
+        assert_eq!(pending.qos_class, None, "the API server's to set");
         let waiting = pending.container_statuses.unwrap_or_default()[0]
             .state
             .clone()
