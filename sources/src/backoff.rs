@@ -7,8 +7,6 @@
 
 use std::time::Duration;
 
-use rand::Rng;
-
 /// Delays for successive attempts: `min`, doubling up to `max`, each with jitter.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -46,7 +44,8 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let half = step / 2;
         let jitter_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        half + Duration::from_nanos(rand::rng().random_range(0..=jitter_nanos))
+        // fastrand's thread-local generator, which the engine's model test seeds.
+        half + Duration::from_nanos(fastrand::u64(0..=jitter_nanos))
     }
 
     /// Back to the shortest delay after a success.
