@@ -34,6 +34,10 @@ pub const BATCH_LABEL: &str = "spate.dev/batch";
 pub const EVENT_IDS_ANNOTATION: &str = "spate.dev/event-ids";
 /// Annotation: the source kind the events came from.
 pub const SOURCE_ANNOTATION: &str = "spate.dev/source";
+/// Annotation: the `ttlSecondsAfterFinished` the Job gets once its outcome is reported. A Job
+/// is created without one, so the TTL controller cannot delete a finished Job before the
+/// tracker has read it (while Spate is down, say); the tracker sets it with the reported mark.
+pub const TTL_ANNOTATION: &str = "spate.dev/ttl-seconds-after-finished";
 /// The virtual-kubelet taint key every provider uses (`virtual-kubelet.io/provider=<name>`).
 pub const VIRTUAL_KUBELET_TAINT: &str = "virtual-kubelet.io/provider";
 /// The node label virtual-kubelet nodes carry (`type=virtual-kubelet`).
@@ -118,7 +122,7 @@ pub fn render_job(
 
     let input = job_input(mode, events);
     let mut spec = template.spec.take().unwrap_or_default();
-    shape_job_spec(&mut spec, pipeline, events.len());
+    let ttl_after_reported = shape_job_spec(&mut spec, pipeline, events.len());
     let pod_meta = spec.template.metadata.get_or_insert_with(Default::default);
     add_spate_labels(pod_meta, &pipeline_name, &batch);
     let pod = spec.template.spec.get_or_insert_with(Default::default);
@@ -140,6 +144,7 @@ pub fn render_job(
         SOURCE_ANNOTATION.to_string(),
         pipeline.spec.source.kind().to_string(),
     );
+    annotations.insert(TTL_ANNOTATION.to_string(), ttl_after_reported.to_string());
 
     let input = input.map(|contents| ConfigMap {
         metadata: ObjectMeta {
@@ -228,6 +233,7 @@ fn split_by_size(template: &JobTemplateSpec, events: &[Event]) -> Vec<Range<usiz
     let fixed_annotations = template_annotations
         + EVENT_IDS_ANNOTATION.len()
         + SOURCE_ANNOTATION.len()
+        + TTL_ANNOTATION.len()
         + SPLIT_MARGIN_BYTES;
     let ids_room = MAX_ANNOTATIONS_BYTES.saturating_sub(fixed_annotations);
     let items_room = MAX_CONFIG_MAP_BYTES.saturating_sub(SPLIT_MARGIN_BYTES);
@@ -538,10 +544,14 @@ fn job_input(mode: FanOutMode, events: &[Event]) -> Option<InputFile> {
     Some(InputFile { file, text })
 }
 
-fn shape_job_spec(spec: &mut JobSpec, pipeline: &Pipeline, events: usize) {
+/// Fills in what the pipeline decides, and returns the TTL for [`TTL_ANNOTATION`]: the
+/// template's own, else the pipeline's.
+fn shape_job_spec(spec: &mut JobSpec, pipeline: &Pipeline, events: usize) -> i32 {
     let fanout = &pipeline.spec.fanout;
-    spec.ttl_seconds_after_finished
-        .get_or_insert(pipeline.spec.ttl_seconds_after_finished);
+    let ttl_after_reported = spec
+        .ttl_seconds_after_finished
+        .take()
+        .unwrap_or(pipeline.spec.ttl_seconds_after_finished);
     spec.backoff_limit
         .get_or_insert(pipeline.spec.retry.backoff_limit);
     let pod = spec.template.spec.get_or_insert_with(Default::default);
@@ -564,6 +574,7 @@ fn shape_job_spec(spec: &mut JobSpec, pipeline: &Pipeline, events: usize) {
             );
         }
     }
+    ttl_after_reported
 }
 
 fn add_spate_labels(metadata: &mut ObjectMeta, pipeline: &str, batch: &str) {

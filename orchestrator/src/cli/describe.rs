@@ -290,7 +290,10 @@ pub fn describe(pipeline: &Pipeline, jobs: &[Job], events: &[Event], now: Timest
     field(
         &mut out,
         "TTL",
-        &format!("{}s after a Job finishes", spec.ttl_seconds_after_finished),
+        &format!(
+            "{}s after a Job finishes and is reported",
+            spec.ttl_seconds_after_finished
+        ),
     );
 
     let status = pipeline.status.clone().unwrap_or_default();

@@ -187,7 +187,9 @@ impl Budget {
     /// Waits until at least one pod fits, then reserves up to `wanted` pods for `job` and
     /// returns how many were reserved (at least 1). An indexed Job is created with that
     /// parallelism, so it starts with what is free instead of waiting for the whole budget.
-    /// A closed budget has no room: its reservations wait for good.
+    /// A closed budget has no room: its reservations wait for good. Reserving again for a
+    /// Job already counted (a redelivery of its events) replaces its count instead of adding
+    /// to it: one Job's pods cannot wait for themselves.
     pub async fn reserve(&self, job: &str, wanted: u32) -> u32 {
         let tree = &self.inner.tree;
         loop {
@@ -196,7 +198,14 @@ impl Budget {
             let freed = tree.freed.notified();
             {
                 let mut nodes = tree.nodes.lock();
-                let granted = room(&nodes, self.inner.id).min(wanted.max(1));
+                let own = nodes
+                    .get(&self.inner.id)
+                    .and_then(|node| node.jobs.get(job))
+                    .copied()
+                    .unwrap_or(0);
+                let granted = room(&nodes, self.inner.id)
+                    .saturating_add(own)
+                    .min(wanted.max(1));
                 if granted > 0 {
                     set(&mut nodes, self.inner.id, job, granted);
                     return granted;
@@ -288,6 +297,16 @@ mod tests {
         budget.observe("a", running(2, 2, 2));
         assert_eq!(waiting.await.unwrap(), 1);
         assert_eq!(budget.in_use(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_reserved_again_does_not_wait_for_itself() {
+        let budget = Budget::with_parent(2, Some(Budget::new(1)));
+        assert_eq!(budget.reserve("a", 1).await, 1);
+        // The same Job again (its events redelivered after a create whose answer was lost).
+        let again = tokio::time::timeout(Duration::from_secs(60), budget.reserve("a", 1)).await;
+        assert_eq!(again, Ok(1));
+        assert_eq!(budget.in_use(), 1);
     }
 
     #[tokio::test]

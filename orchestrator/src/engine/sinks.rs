@@ -46,12 +46,14 @@ impl PipelineSinks {
         }
     }
 
-    /// Delivers records to every results sink.
-    pub async fn report(&self, records: &[Record]) -> Result<(), String> {
-        for (kind, sink) in &self.results {
+    /// Delivers records to the results sinks after the first `delivered`, counting each
+    /// that takes them, so a retry after a failure sends nothing twice to those before it.
+    pub async fn report(&self, records: &[Record], delivered: &mut usize) -> Result<(), String> {
+        for (kind, sink) in self.results.iter().skip(*delivered) {
             sink.deliver(records)
                 .await
                 .map_err(|e| format!("results sink {kind}: {e}"))?;
+            *delivered += 1;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! events go to the dead-letter sink with the pod's own reason, e.g. `ProviderFailed:
 //! container group quota exceeded`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ impl StuckPods {
             "{PIPELINE_LABEL}={}",
             crate::naming::sanitize_label_value(&self.pipeline)
         );
-        let waiting = Arc::new(Mutex::new(HashMap::<String, Waiting>::new()));
+        let waiting = Arc::new(Mutex::new(BTreeMap::<String, Waiting>::new()));
         let watched = waiting.clone();
         let watch = watcher(pods, watcher::Config::default().labels(&selector))
             .default_backoff()

@@ -3,11 +3,19 @@
 //!
 //! Reporting is recovered from the cluster, not from memory: a Job carries its events (in
 //! `SPATE_EVENT` or its input ConfigMap), and is marked `spate.dev/reported` once its records
-//! are delivered, so a restarted Spate reports the Jobs that finished while it was down (as
-//! long as their TTL has not removed them) and never reports one twice.
+//! are delivered, so a restarted Spate reports the Jobs that finished while it was down and
+//! never reports one twice. Jobs are created without `ttlSecondsAfterFinished`; the mark sets
+//! it (from `spate.dev/ttl-seconds-after-finished`), so no Job is deleted unreported.
+//!
+//! The budget, the event index and the reports in flight hold only live Jobs: a deletion
+//! forgets the Job, and so does a re-list (after a watch gap) that no longer shows it. A
+//! report that fails is retried with backoff until it is delivered, its Job is gone, or the
+//! engine stops; a retry resumes after the sinks that already have the records.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
@@ -17,21 +25,25 @@ use kube::runtime::{WatchStreamExt, watcher};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use spate_sinks::{Outcome, Record};
+use spate_sources::backoff::Backoff;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::budget::{Budget, JobUsage};
+use super::emit;
 use super::index::EventIndex;
 use super::sinks::PipelineSinks;
 use crate::metrics::{METRICS, OutcomeLabels};
-use crate::render::PIPELINE_LABEL;
+use crate::render::{PIPELINE_LABEL, TTL_ANNOTATION};
 
 /// Marks a Job whose records reached the sinks.
 pub const REPORTED_ANNOTATION: &str = "spate.dev/reported";
 
-/// Reports run concurrently, bounded so a burst of completions cannot open thousands of
-/// connections to the sinks at once.
+/// Reports delivering at once.
 const CONCURRENT_REPORTS: usize = 16;
+/// A failed report is retried after this long, doubling up to the maximum.
+const REPORT_RETRY_MIN: Duration = Duration::from_secs(1);
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(60);
 
 pub struct Tracker {
     pub client: kube::Client,
@@ -56,8 +68,11 @@ impl Tracker {
         let stream = watcher(jobs, watcher::Config::default().labels(&selector)).default_backoff();
         let mut stream = std::pin::pin!(stream.into_stream());
         let this = Arc::new(self);
-        let reporting = Arc::new(Mutex::new(HashSet::<String>::new()));
-        let permits = Arc::new(Semaphore::new(CONCURRENT_REPORTS));
+        let reports = Arc::new(Reports::new());
+        // Every Job the watch has shown and not seen deleted: after a re-list, those missing
+        // from it were deleted during the gap, and no Delete will ever come for them.
+        let mut watched = HashSet::<String>::new();
+        let mut relisted: Option<HashSet<String>> = None;
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -66,31 +81,33 @@ impl Tracker {
             let Some(event) = event else { return };
             match event {
                 Ok(watcher::Event::Apply(job) | watcher::Event::InitApply(job)) => {
+                    let name = job.metadata.name.clone().unwrap_or_default();
+                    if let Some(seen) = relisted.as_mut() {
+                        seen.insert(name.clone());
+                    }
+                    watched.insert(name.clone());
                     this.known.insert_job(&job);
                     this.observe(&job);
                     if finished(&job).is_some() && !is_reported(&job) {
-                        let name = job.metadata.name.clone().unwrap_or_default();
-                        if reporting.lock().insert(name.clone()) {
-                            let (this, reporting, permits) =
-                                (this.clone(), reporting.clone(), permits.clone());
-                            tokio::spawn(async move {
-                                let _permit = permits.acquire_owned().await;
-                                if let Err(error) = this.report(&job).await {
-                                    tracing::warn!(job = %name, %error, "reporting results failed; will retry on the next change or resync");
-                                }
-                                reporting.lock().remove(&name);
-                            });
-                        }
+                        reports.start(&this, job, &shutdown);
                     }
                 }
                 Ok(watcher::Event::Delete(job)) => {
-                    this.budget
-                        .release(job.metadata.name.as_deref().unwrap_or_default());
+                    let name = job.metadata.name.as_deref().unwrap_or_default();
+                    watched.remove(name);
+                    this.forget(name, &reports);
                 }
+                Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
                 Ok(watcher::Event::InitDone) => {
+                    if let Some(seen) = relisted.take() {
+                        for gone in watched.difference(&seen) {
+                            tracing::debug!(pipeline = %this.pipeline, job = %gone, "Job deleted during a watch gap");
+                            this.forget(gone, &reports);
+                        }
+                        watched = seen;
+                    }
                     this.synced.send_replace(true);
                 }
-                Ok(watcher::Event::Init) => {}
                 Err(error) => {
                     tracing::warn!(pipeline = %this.pipeline, %error, "Job watch error; the watcher retries")
                 }
@@ -102,16 +119,27 @@ impl Tracker {
         }
     }
 
+    /// Counts the Job's pods, unless it is incomplete: it runs none until released, and
+    /// while the intake is creating it, the intake's reservation holds its pods.
     fn observe(&self, job: &Job) {
+        if emit::is_incomplete(job) {
+            return;
+        }
         let name = job.metadata.name.as_deref().unwrap_or_default();
         self.budget.observe(name, usage(job));
     }
 
-    async fn report(&self, job: &Job) -> Result<(), String> {
+    /// A deleted Job: its pods and its events are free again.
+    fn forget(&self, name: &str, reports: &Reports) {
+        self.budget.release(name);
+        self.known.remove_job(name);
+        reports.forget(name);
+    }
+
+    /// Reads what a finished Job did into the records its report delivers.
+    async fn outcome(&self, job: &Job) -> Result<Report, String> {
         let name = job.metadata.name.clone().unwrap_or_default();
-        let Some((succeeded, reason)) = finished(job) else {
-            return Ok(());
-        };
+        let (succeeded, reason) = finished(job).unwrap_or_default();
         let events = job_events(&self.client, job).await?;
         let completed = job
             .status
@@ -124,8 +152,16 @@ impl Tracker {
             .and_then(|spec| spec.completion_mode.as_deref())
             == Some("Indexed");
         let at = jiff::Timestamp::now().to_string();
-        let mut results = Vec::new();
-        let mut dead = Vec::new();
+        let mut report = Report {
+            job: name.clone(),
+            ttl_after_reported: job
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(TTL_ANNOTATION))
+                .and_then(|ttl| ttl.parse().ok()),
+            ..Report::default()
+        };
         for (index, event) in events.into_iter().enumerate() {
             let item_succeeded = if indexed {
                 completed.as_ref().is_some_and(|done| done.contains(&index))
@@ -145,42 +181,171 @@ impl Tracker {
                 at: at.clone(),
             };
             if !item_succeeded {
-                dead.push(Record {
+                report.dead.push(Record {
                     outcome: Outcome::DeadLettered,
                     ..record.clone()
                 });
             }
-            results.push(record);
+            report.results.push(record);
         }
-        self.sinks.report(&results).await?;
-        if !dead.is_empty() {
-            self.sinks.dead_letter(&dead).await?;
+        Ok(report)
+    }
+
+    /// Delivers what `report` has not delivered yet, then marks the Job reported.
+    async fn deliver(&self, report: &mut Report) -> Result<(), String> {
+        self.sinks
+            .report(&report.results, &mut report.results_delivered)
+            .await?;
+        if !report.dead.is_empty() && !report.dead_lettered {
+            self.sinks.dead_letter(&report.dead).await?;
+            report.dead_lettered = true;
         }
-        for record in &results {
-            self.stats.finished(record.outcome == Outcome::Succeeded);
-            let outcome = match record.outcome {
-                Outcome::Succeeded => "succeeded",
-                Outcome::Failed => "failed",
-                Outcome::DeadLettered => "dead_lettered",
-            };
-            METRICS
-                .items_finished
-                .get_or_create(&OutcomeLabels {
-                    pipeline: self.pipeline.clone(),
-                    outcome: outcome.to_string(),
-                })
-                .inc();
+        if !report.counted {
+            report.counted = true;
+            for record in &report.results {
+                self.stats.finished(record.outcome == Outcome::Succeeded);
+                let outcome = match record.outcome {
+                    Outcome::Succeeded => "succeeded",
+                    Outcome::Failed => "failed",
+                    Outcome::DeadLettered => "dead_lettered",
+                };
+                METRICS
+                    .items_finished
+                    .get_or_create(&OutcomeLabels {
+                        pipeline: self.pipeline.clone(),
+                        outcome: outcome.to_string(),
+                    })
+                    .inc();
+            }
         }
+        let name = &report.job;
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace);
-        let mark = json!({"metadata": {"annotations": {REPORTED_ANNOTATION: "true"}}});
+        let mut mark = json!({"metadata": {"annotations": {REPORTED_ANNOTATION: "true"}}});
+        if let Some(ttl) = report.ttl_after_reported {
+            mark["spec"] = json!({"ttlSecondsAfterFinished": ttl});
+        }
         match jobs
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&mark))
+            .patch(name, &PatchParams::default(), &Patch::Merge(&mark))
             .await
         {
             Ok(_) => Ok(()),
             // Deleted by its TTL meanwhile: the records are delivered, nothing left to mark.
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(error) => Err(format!("cannot mark Job {name} reported: {error}")),
+        }
+    }
+}
+
+/// One finished Job's records, and how far their delivery got: a retry resumes where the
+/// last attempt failed, so no sink gets them twice from one process.
+#[derive(Default)]
+struct Report {
+    job: String,
+    /// The Job's [`TTL_ANNOTATION`], set on it with the reported mark: from then on the TTL
+    /// controller may delete it.
+    ttl_after_reported: Option<i32>,
+    results: Vec<Record>,
+    dead: Vec<Record>,
+    /// How many results sinks, in order, have the results.
+    results_delivered: usize,
+    dead_lettered: bool,
+    /// Counted in the metrics and the live stats.
+    counted: bool,
+}
+
+/// The reports of one pipeline's finished Jobs.
+struct Reports {
+    /// Bounds the reports delivering at once, so a burst of completions cannot open
+    /// thousands of connections to the sinks.
+    permits: Semaphore,
+    /// Per live Job, a report running or done by this process: a watch event of a Job
+    /// already being reported, or reported before its mark reached the watch, starts none.
+    /// Entries go with their Job.
+    of_job: Mutex<HashMap<String, ReportState>>,
+    serial: AtomicU64,
+}
+
+enum ReportState {
+    /// Cancelled when the Job is deleted: an input not read by then is gone with it.
+    Running {
+        serial: u64,
+        deleted: CancellationToken,
+    },
+    Done,
+}
+
+impl Reports {
+    fn new() -> Self {
+        Reports {
+            permits: Semaphore::new(CONCURRENT_REPORTS),
+            of_job: Mutex::default(),
+            serial: AtomicU64::new(0),
+        }
+    }
+
+    /// Reports `job` unless this process already does or did. A failed attempt is retried
+    /// with backoff: a finished Job does not change again, so no watch event brings it back.
+    fn start(self: &Arc<Self>, tracker: &Arc<Tracker>, job: Job, shutdown: &CancellationToken) {
+        let name = job.metadata.name.clone().unwrap_or_default();
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let deleted = CancellationToken::new();
+        {
+            let mut of_job = self.of_job.lock();
+            if of_job.contains_key(&name) {
+                return;
+            }
+            let state = ReportState::Running {
+                serial,
+                deleted: deleted.clone(),
+            };
+            of_job.insert(name.clone(), state);
+        }
+        let (reports, tracker, shutdown) = (self.clone(), tracker.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(REPORT_RETRY_MIN, REPORT_RETRY_MAX);
+            let mut report: Option<Report> = None;
+            let done = loop {
+                let attempt = async {
+                    let _permit = reports.permits.acquire().await;
+                    if report.is_none() {
+                        report = Some(tracker.outcome(&job).await?);
+                    }
+                    match report.as_mut() {
+                        Some(report) => tracker.deliver(report).await,
+                        None => Ok(()),
+                    }
+                }
+                .await;
+                let Err(error) = attempt else { break true };
+                let delay = backoff.next_delay();
+                tracing::warn!(pipeline = %tracker.pipeline, job = %name, %error, retry_in_ms = delay.as_millis() as u64, "reporting results failed; retrying");
+                // Once read, the records are delivered even if the Job is deleted meanwhile.
+                let unread = report.is_none();
+                tokio::select! {
+                    _ = shutdown.cancelled() => break false,
+                    _ = deleted.cancelled(), if unread => {
+                        tracing::warn!(pipeline = %tracker.pipeline, job = %name, "the Job was deleted before its results could be read; they are lost");
+                        break false;
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            };
+            let mut of_job = reports.of_job.lock();
+            let ours = matches!(of_job.get(&name), Some(ReportState::Running { serial: s, .. }) if *s == serial);
+            if ours {
+                if done {
+                    of_job.insert(name, ReportState::Done);
+                } else {
+                    of_job.remove(&name);
+                }
+            }
+        });
+    }
+
+    /// The Job is gone: forget it, and stop a report that could not read it yet.
+    fn forget(&self, name: &str) {
+        if let Some(ReportState::Running { deleted, .. }) = self.of_job.lock().remove(name) {
+            deleted.cancel();
         }
     }
 }
