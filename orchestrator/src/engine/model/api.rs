@@ -3,12 +3,11 @@
 //! and provider, garbage collector, TTL), with faults chosen from the seed.
 //!
 //! Requests are not served when they arrive but at the next tick (every [`TICK_MS`]), all the
-//! requests of a tick in one canonical order. The engine's own retry jitter (`rand::rng()`,
-//! not seeded by the model) then cannot reorder what the cluster sees, so a seed replays.
-//! Lists and watches are served on a coarser beat, [`WATCH_BEAT_MS`], longer than the
-//! watcher's first backoff (0.8 s to 1.6 s, jittered by a generator the model cannot seed),
-//! and a watcher is never given two errors without an event in between, which would double
-//! that backoff past the beat.
+//! requests of a tick in one canonical order, so what the cluster sees does not hang on how
+//! tasks interleave within a tick. Lists and watches are served on a coarser beat,
+//! [`WATCH_BEAT_MS`], longer than the watcher's first backoff (0.8 s to 1.6 s), and a watcher
+//! is never given two errors without an event in between, which would double that backoff
+//! past the beat. (The retry jitter itself is seeded: see `run_seed`.)
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -51,6 +50,8 @@ pub struct Faults {
     pub unavailable: f64,
     /// Stored, but the answer is lost (a 500, or the connection drops).
     pub lost_answer: f64,
+    /// A create refused for good (`403`, as a ResourceQuota or an admission webhook does).
+    pub refusal: f64,
     pub slow: f64,
     pub watch_cut: f64,
     pub watch_gone: f64,
@@ -109,7 +110,10 @@ struct JobRun {
     completions: u32,
     parallelism: u32,
     backoff_limit: u32,
-    ttl_ms: u64,
+    /// `ttlSecondsAfterFinished`: none, the Job stays.
+    ttl_ms: Option<u64>,
+    /// `spec.suspend`: the controller starts no pods.
+    suspended: bool,
     /// The ConfigMap its pods mount, if any.
     input: Option<String>,
     succeeded: BTreeSet<u32>,
@@ -138,6 +142,7 @@ struct PodRun {
 /// How a Job ended, kept after it is gone for the final checks.
 #[derive(Debug, Clone)]
 pub struct Grave {
+    pub name: String,
     pub events: Vec<String>,
     pub succeeded: Option<bool>,
     pub marked_reported: bool,
@@ -164,8 +169,10 @@ pub struct Cluster {
     runs: BTreeMap<String, JobRun>,
     pod_runs: BTreeMap<String, PodRun>,
     pod_serial: u64,
+    /// Every Job ever created, by uid (a name comes back when an event runs again after its
+    /// first Job's TTL).
     pub graves: BTreeMap<String, Grave>,
-    /// Jobs whose reported mark was stored.
+    /// Uids of the Jobs whose reported mark was stored.
     pub marked: BTreeSet<String>,
     /// Set when the store changed, for the checks.
     pub changed: bool,
@@ -194,8 +201,8 @@ impl Cluster {
             }
         }
         for run in self.runs.values() {
-            if let Some(finished) = run.finished {
-                next = next.min(align(finished + run.ttl_ms).max(tick));
+            if let (Some(finished), Some(ttl)) = (run.finished, run.ttl_ms) {
+                next = next.min(align(finished + ttl).max(tick));
             }
         }
         if !self.watches.is_empty() {
@@ -331,10 +338,23 @@ impl Cluster {
             (Method::GET, "configmaps", Some(name)) => get(self.config_maps.get(name), name),
             (Method::PATCH, "jobs", Some(name)) => self.patch_job(name, &body, now),
             (Method::PATCH, "configmaps", Some(name)) => self.patch_config_map(name, &body, now),
-            (Method::DELETE, "jobs", Some(name)) => self.delete_job(name, now, false),
+            (Method::DELETE, "jobs", Some(name)) => match self.precondition_failed(name, &body) {
+                Some(refusal) => refusal,
+                None => self.delete_job(name, now, false),
+            },
             (Method::DELETE, "configmaps", Some(name)) => self.delete_config_map(name),
             _ => status(405, "MethodNotAllowed", format!("{method} {path}")),
         };
+        threshold += faults.refusal;
+        if method == Method::POST && resource != "events" && roll < threshold {
+            self.note(now, format!("api: {method} {path}: 403 exceeded quota"));
+            let _ = reply.send(status(
+                403,
+                "Forbidden",
+                "exceeded quota: model, requested: count/jobs.batch=1".into(),
+            ));
+            return;
+        }
         threshold += faults.lost_answer;
         if mutating && roll < threshold {
             let broken = rng.random_bool(0.5);
@@ -585,7 +605,8 @@ impl Cluster {
             completions: count(spec.completions, 1),
             parallelism: count(spec.parallelism, 1),
             backoff_limit: count(spec.backoff_limit, 6),
-            ttl_ms: u64::from(count(spec.ttl_seconds_after_finished, 60)) * 1000,
+            ttl_ms: ttl_ms(spec.ttl_seconds_after_finished),
+            suspended: spec.suspend == Some(true),
             input,
             succeeded: BTreeSet::new(),
             active: BTreeMap::new(),
@@ -597,16 +618,17 @@ impl Cluster {
             now,
             format!("api: Job {name} created ({} events)", event_ids(&job).len()),
         );
-        self.runs.insert(name.clone(), run);
         self.graves.insert(
-            name.clone(),
+            run.uid.clone(),
             Grave {
+                name: name.clone(),
                 events: event_ids(&job),
                 succeeded: None,
                 marked_reported: false,
                 deleted_by_ttl: false,
             },
         );
+        self.runs.insert(name.clone(), run);
         let answer = ok(to_json(&job));
         let labels = job.metadata.labels.clone().unwrap_or_default();
         self.record(Kind::Job, "ADDED", to_json(&job), labels);
@@ -684,12 +706,28 @@ impl Cluster {
         };
         patched.metadata.name = job.metadata.name.clone();
         patched.metadata.uid = job.metadata.uid.clone();
+        // Of the spec, only what the real API server lets change on a live Job and the
+        // engine changes: suspend, and the TTL.
+        let (suspend, ttl) = patched
+            .spec
+            .as_ref()
+            .map(|spec| (spec.suspend, spec.ttl_seconds_after_finished))
+            .unwrap_or_default();
         patched.spec = job.spec.clone();
+        if let Some(spec) = patched.spec.as_mut() {
+            spec.suspend = suspend;
+            spec.ttl_seconds_after_finished = ttl;
+        }
+        if let Some(run) = self.runs.get_mut(name) {
+            run.suspended = suspend == Some(true);
+            run.ttl_ms = ttl_ms(ttl);
+        }
         patched.status = job.status.clone();
         patched.metadata.resource_version = Some(self.next_rv());
-        if is_reported(&patched) && self.marked.insert(name.to_string()) {
+        let uid = patched.metadata.uid.clone().unwrap_or_default();
+        if is_reported(&patched) && self.marked.insert(uid.clone()) {
             self.note(now, format!("api: Job {name} marked reported"));
-            if let Some(grave) = self.graves.get_mut(name) {
+            if let Some(grave) = self.graves.get_mut(&uid) {
                 grave.marked_reported = true;
             }
         }
@@ -733,6 +771,28 @@ impl Cluster {
         }
     }
 
+    /// A delete's preconditions (uid, resourceVersion) against the Job as stored: the real
+    /// API server refuses a mismatch with `409 Conflict`.
+    fn precondition_failed(&self, name: &str, body: &[u8]) -> Option<Reply> {
+        let job = self.jobs.get(name)?;
+        let options: Value = serde_json::from_slice(body).ok()?;
+        let wanted = &options["preconditions"];
+        let differs = |key: &str, stored: &Option<String>| {
+            wanted[key]
+                .as_str()
+                .is_some_and(|wanted| Some(wanted) != stored.as_deref())
+        };
+        (differs("uid", &job.metadata.uid)
+            || differs("resourceVersion", &job.metadata.resource_version))
+        .then(|| {
+            status(
+                409,
+                "Conflict",
+                format!("Precondition failed for jobs.batch {name}"),
+            )
+        })
+    }
+
     /// Deletes a Job; its pods and owned ConfigMaps go with it (the garbage collector, at
     /// once: pods being deleted no longer count as running).
     fn delete_job(&mut self, name: &str, now: u64, by_ttl: bool) -> Reply {
@@ -746,10 +806,10 @@ impl Cluster {
                 if by_ttl { " by its TTL" } else { "" }
             ),
         );
-        if let Some(grave) = self.graves.get_mut(name) {
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        if let Some(grave) = self.graves.get_mut(&uid) {
             grave.deleted_by_ttl = by_ttl;
         }
-        let uid = job.metadata.uid.clone().unwrap_or_default();
         job.metadata.resource_version = Some(self.next_rv());
         job.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
         let answer = ok(to_json(&job));
@@ -787,7 +847,11 @@ impl Cluster {
         let expired: Vec<String> = self
             .runs
             .iter()
-            .filter(|(_, run)| run.finished.is_some_and(|at| at + run.ttl_ms <= now))
+            .filter(|(_, run)| {
+                run.finished
+                    .zip(run.ttl_ms)
+                    .is_some_and(|(at, ttl)| at + ttl <= now)
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in expired {
@@ -861,6 +925,7 @@ impl Cluster {
             .iter()
             .filter(|(name, run)| {
                 run.finished.is_none()
+                    && !run.suspended
                     && (touched_jobs.contains(*name)
                         || (run.active.len() as u32)
                             < run
@@ -927,7 +992,7 @@ impl Cluster {
         if let Some((kind, ..)) = condition {
             run.finished = Some(now);
             let succeeded = kind == "Complete";
-            if let Some(grave) = self.graves.get_mut(name) {
+            if let Some(grave) = self.graves.get_mut(&run.uid) {
                 grave.succeeded = Some(succeeded);
             }
             self.notes
@@ -1102,6 +1167,12 @@ impl Cluster {
         self.record(Kind::Pod, "MODIFIED", object, labels);
     }
 
+    /// What the model knows of a Job in the store.
+    pub fn live_grave(&self, name: &str) -> Option<&Grave> {
+        let uid = self.jobs.get(name)?.metadata.uid.as_ref()?;
+        self.graves.get(uid)
+    }
+
     /// Pods Pending or Running (what the budget must cover).
     pub fn pods_in_flight(&self) -> usize {
         self.pod_runs
@@ -1111,11 +1182,21 @@ impl Cluster {
     }
 
     /// Whether a stored Job can start: it needs no input, or its input exists.
-    pub fn input_exists(&self, job: &str) -> bool {
-        self.runs
+    /// Whether the Job will run: released by Spate (not suspended for its input) and its
+    /// input there.
+    pub fn runnable(&self, job: &str) -> bool {
+        let Some(run) = self.runs.get(job) else {
+            return false;
+        };
+        let released = self
+            .jobs
             .get(job)
-            .and_then(|run| run.input.as_ref())
-            .is_none_or(|input| self.config_maps.contains_key(input))
+            .is_some_and(|object| !super::emit::is_incomplete(object));
+        released
+            && run
+                .input
+                .as_ref()
+                .is_none_or(|input| self.config_maps.contains_key(input))
     }
 
     /// Forgets what a dead process had in flight: its requests and watches.
@@ -1313,4 +1394,8 @@ fn matches(selector: &[(String, String)], labels: Option<&BTreeMap<String, Strin
     selector
         .iter()
         .all(|(key, value)| labels.and_then(|labels| labels.get(key)) == Some(value))
+}
+
+fn ttl_ms(seconds: Option<i32>) -> Option<u64> {
+    seconds.map(|seconds| u64::try_from(seconds).unwrap_or(0) * 1000)
 }
