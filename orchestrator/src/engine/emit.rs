@@ -14,9 +14,11 @@
 //! other events or owned by something else is refused. Transient failures (429, 5xx,
 //! connection errors) are retried with exponential backoff and equal jitter
 //! ([`spate_sources::backoff`]) up to the pipeline's `maxAttempts`; anything else (422
-//! Invalid, 403 Forbidden) is permanent. When a step fails for good after the Job exists, the
-//! incomplete Job is deleted before the error goes back to the caller for dead-lettering, so
-//! it holds no budget.
+//! Invalid, 403 Forbidden) is permanent. When a step fails after the Job exists, the
+//! incomplete Job is deleted (only as it was before the release, which may have been applied
+//! with its answer lost) before the error goes back to the caller. The caller then asks
+//! [`Emitter::find`] what the API has under the name: an earlier attempt whose answer was
+//! lost may have stored the Job after all.
 
 use std::collections::BTreeSet;
 use std::num::NonZeroU32;

@@ -126,11 +126,13 @@ fn every_example_renders_to_a_valid_job_with_its_placement_and_owner_labels() {
         assert_eq!(listed, ids, "{name}");
         assert_eq!(annotations["spate.dev/source"], pipeline.spec.source.kind());
 
-        let spec = job.spec.as_ref().unwrap();
+        // The TTL waits in an annotation until the Job's outcome is reported.
         assert_eq!(
-            spec.ttl_seconds_after_finished,
-            Some(pipeline.spec.ttl_seconds_after_finished)
+            annotations["spate.dev/ttl-seconds-after-finished"],
+            pipeline.spec.ttl_seconds_after_finished.to_string()
         );
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.ttl_seconds_after_finished, None, "{name}");
         let pod = spec.template.spec.as_ref().unwrap();
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
         let tolerates_virtual = pod.tolerations.iter().flatten().any(|t| {
