@@ -17,7 +17,11 @@
 //! settlement goes through whichever connection is current when it happens (an `XACK` is
 //! not tied to a connection, unlike an AMQP ack). Every `claimIdle / 2`, `XAUTOCLAIM` takes
 //! over entries pending longer than `claimIdle` on any consumer of the group (a crashed
-//! replica, an acknowledgement lost with its connection). An entry whose delivery count (from
+//! replica, an acknowledgement lost with its connection). It claims ids only (`JUSTID`,
+//! which leaves delivery counts alone); the entries among them that this process does not
+//! hold are then claimed again with `XCLAIM`, which counts the new delivery. So an entry the
+//! engine holds for long (backpressure) keeps its count, and is not dead-lettered unrun after
+//! a restart. An entry whose delivery count (from
 //! `XPENDING`) exceeds `maxDeliveries` is added to the dead-letter stream with the reason and
 //! acknowledged, in one `MULTI`.
 //!
@@ -40,7 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::entry::{
-    Entry, GroupCounts, autoclaim_reply, group_counts, pending_counts, read_reply, to_event,
+    Entry, GroupCounts, autoclaim_reply, entries, group_counts, pending_counts, read_reply,
+    to_event,
 };
 use crate::backlog::Backlog;
 use crate::backoff::Backoff;
@@ -273,9 +278,30 @@ impl StreamConsumer {
                     .arg(&claim_cursor)
                     .arg("COUNT")
                     .arg(room)
+                    .arg("JUSTID")
                     .query_async::<redis::Value>(reader)
                     .await?;
-                let (cursor, entries, deleted) = parse(autoclaim_reply(&reply))?;
+                let (cursor, claimed, deleted) = parse(autoclaim_reply(&reply))?;
+                let idle: Vec<String> = {
+                    let held = shared.in_flight.lock();
+                    claimed
+                        .into_iter()
+                        .filter(|id| !held.contains(id))
+                        .collect()
+                };
+                let entries = if idle.is_empty() {
+                    Vec::new()
+                } else {
+                    let reply = redis::cmd("XCLAIM")
+                        .arg(&self.stream)
+                        .arg(&self.group)
+                        .arg(&self.consumer)
+                        .arg(0)
+                        .arg(&idle)
+                        .query_async::<redis::Value>(reader)
+                        .await?;
+                    parse(entries(&reply))?
+                };
                 if deleted > 0 {
                     debug!(stream = %self.stream, deleted, "pending entries no longer in the stream were dropped");
                 }

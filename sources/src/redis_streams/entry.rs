@@ -137,9 +137,9 @@ pub(super) fn read_reply(reply: &Reply) -> Result<Vec<Entry>, String> {
     }
 }
 
-/// An `XAUTOCLAIM` reply: the next cursor, the claimed entries, the ids of pending entries
-/// that no longer exist (Redis 7 removes them from the pending list itself).
-pub(super) fn autoclaim_reply(reply: &Reply) -> Result<(String, Vec<Entry>, usize), String> {
+/// An `XAUTOCLAIM ... JUSTID` reply: the next cursor, the ids claimed, and how many pending
+/// entries no longer exist (Redis 7 removes them from the pending list itself).
+pub(super) fn autoclaim_reply(reply: &Reply) -> Result<(String, Vec<String>, usize), String> {
     let Reply::Array(parts) = reply else {
         return Err(format!("unexpected XAUTOCLAIM reply {reply:?}"));
     };
@@ -147,7 +147,14 @@ pub(super) fn autoclaim_reply(reply: &Reply) -> Result<(String, Vec<Entry>, usiz
         .first()
         .and_then(text)
         .ok_or_else(|| format!("XAUTOCLAIM reply without cursor {reply:?}"))?;
-    let claimed = entries(parts.get(1).unwrap_or(&Reply::Nil))?;
+    let claimed = match parts.get(1) {
+        None | Some(Reply::Nil) => Vec::new(),
+        Some(Reply::Array(ids)) => ids
+            .iter()
+            .map(|id| text(id).ok_or_else(|| format!("unexpected claimed id {id:?}")))
+            .collect::<Result<_, _>>()?,
+        Some(other) => return Err(format!("unexpected XAUTOCLAIM ids {other:?}")),
+    };
     let deleted = match parts.get(2) {
         Some(Reply::Array(ids)) => ids.len(),
         _ => 0,
@@ -297,10 +304,13 @@ mod tests {
         assert!(read_reply(&Reply::Nil).unwrap().is_empty());
         let claim = Reply::Array(vec![
             bulk("0-0"),
-            Reply::Array(vec![]),
+            Reply::Array(vec![bulk("3-0")]),
             Reply::Array(vec![bulk("9-0")]),
         ]);
-        assert_eq!(autoclaim_reply(&claim).unwrap(), ("0-0".into(), vec![], 1));
+        assert_eq!(
+            autoclaim_reply(&claim).unwrap(),
+            ("0-0".into(), vec!["3-0".to_string()], 1)
+        );
         let pending = Reply::Array(vec![Reply::Array(vec![
             bulk("1-0"),
             bulk("c"),

@@ -333,6 +333,36 @@ async fn entries_of_a_crashed_consumer_are_reclaimed_after_claim_idle() {
 }
 
 #[tokio::test]
+async fn an_entry_the_engine_holds_past_claim_idle_keeps_its_delivery_count() {
+    let stream = TestStream::new("held").await;
+    let id = stream.add(&[("data", r#"{"n":1}"#)]).await;
+    let mut config = stream.source("300ms");
+    config.max_deliveries = 1;
+    let mut source = Running::start(&stream, &config, 16).await;
+    let delivery = source.next().await;
+    // Held (backpressure, a slow create) through several XAUTOCLAIM rounds of its own
+    // consumer: claiming what this process holds must not count as delivering it again, or a
+    // restart would dead-letter it as "delivered N times" without its Job ever made.
+    source.nothing_for(Duration::from_millis(2_000)).await;
+    let reply: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream.stream)
+        .arg(&stream.group)
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut stream.redis.clone())
+        .await
+        .unwrap();
+    assert_eq!(reply.len(), 1, "{reply:?}");
+    assert_eq!(reply[0].0, id);
+    assert_eq!(reply[0].3, 1, "delivered once: {reply:?}");
+    delivery.ack.ack().await.unwrap();
+    stream.wait_pending(0).await;
+    source.stop().await;
+    stream.delete().await;
+}
+
+#[tokio::test]
 async fn an_entry_delivered_more_than_max_deliveries_is_dead_lettered() {
     let stream = TestStream::new("poison").await;
     let id = stream.add(&[("data", r#"{"n":1}"#)]).await;
