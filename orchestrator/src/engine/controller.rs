@@ -4,12 +4,17 @@
 //! engine per Pipeline in step with its spec: started when created, restarted when its
 //! generation changes, stopped when deleted or paused (annotation `spate.dev/paused: "true"`).
 //! A Pipeline that fails validation gets a `Ready=False` condition with every problem, and
-//! nothing runs. Status (counts, the source's lag, conditions, last error) is written through
+//! nothing runs. One whose engine cannot start (a Secret not there yet, a sink's broker down
+//! for a moment) gets `Ready=False`, reason `StartFailed`, and is started again with backoff
+//! (1 s doubling to 5 min) until it runs or its spec changes. Status (counts, the source's lag, conditions, last error) is written through
 //! the status subresource at most once per `status_interval` per Pipeline, and only when it
 //! changed.
 
 use std::collections::HashMap;
 use std::time::Duration;
+
+use spate_sources::backoff::Backoff;
+use tokio::time::Instant;
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -21,9 +26,12 @@ use tokio_util::sync::CancellationToken;
 use super::leader::{self, LeaseConfig};
 use super::{Engine, EngineOptions, RunningPipeline};
 use crate::pipeline::{Pipeline, PipelineStatus, load::check_resource};
+use crate::render::pipeline_namespace;
 
 /// The annotation that pauses a Pipeline.
 pub const PAUSED_ANNOTATION: &str = "spate.dev/paused";
+const START_RETRY_MIN: Duration = Duration::from_secs(1);
+const START_RETRY_MAX: Duration = Duration::from_secs(300);
 
 pub struct ControllerOptions {
     /// Only Pipelines in this namespace; all namespaces when `None`.
@@ -37,12 +45,22 @@ pub struct ControllerOptions {
 struct Managed {
     /// The source kind, shown by `kubectl get pipelines`.
     source: String,
+    /// A Pipeline deleted and created again under its name (during a watch gap) is another.
+    uid: Option<String>,
     generation: Option<i64>,
     paused: bool,
     engine: Option<Engine>,
     live: Option<RunningPipeline>,
     problems: Vec<String>,
+    /// Set while the engine failed to start: the Pipeline to start again, and when.
+    retry: Option<StartRetry>,
     written: Option<PipelineStatus>,
+}
+
+struct StartRetry {
+    pipeline: Box<Pipeline>,
+    at: Instant,
+    backoff: Backoff,
 }
 
 /// Runs until `shutdown`: waits for leadership, manages Pipelines while leading, and stops
@@ -72,10 +90,18 @@ async fn manage(client: &kube::Client, options: &ControllerOptions, leading: Can
     let mut stream = std::pin::pin!(stream);
     let mut managed: HashMap<(String, String), Managed> = HashMap::new();
     let mut status_tick = tokio::time::interval(options.status_interval);
+    let mut retry_tick = tokio::time::interval(START_RETRY_MIN);
     loop {
         tokio::select! {
             _ = leading.cancelled() => break,
             _ = status_tick.tick() => write_statuses(client, &mut managed).await,
+            _ = retry_tick.tick() => {
+                for entry in managed.values_mut() {
+                    if entry.retry.as_ref().is_some_and(|retry| retry.at <= Instant::now()) {
+                        start(client, options, entry).await;
+                    }
+                }
+            }
             event = stream.next() => match event {
                 Some(Ok(watcher::Event::Apply(pipeline) | watcher::Event::InitApply(pipeline))) => {
                     reconcile(client, options, &mut managed, pipeline).await;
@@ -128,6 +154,7 @@ async fn reconcile(
     let generation = pipeline.metadata.generation;
     let paused = is_paused(&pipeline);
     if let Some(entry) = managed.get(&key)
+        && entry.uid == pipeline.metadata.uid
         && entry.generation == generation
         && entry.paused == paused
     {
@@ -140,29 +167,63 @@ async fn reconcile(
     }
     let mut entry = Managed {
         source: pipeline.spec.source.kind().to_string(),
+        uid: pipeline.metadata.uid.clone(),
         generation,
         paused,
         engine: None,
         live: None,
         problems: Vec::new(),
+        retry: None,
         written,
     };
     if !paused {
-        match check_resource(&pipeline) {
-            Ok(loaded) => {
-                match Engine::start(client.clone(), vec![loaded], options.engine.clone()).await {
-                    Ok(engine) => {
-                        entry.live = engine.pipelines.first().cloned();
-                        entry.engine = Some(engine);
-                        tracing::info!(pipeline = %format!("{}/{}", key.0, key.1), "started");
-                    }
-                    Err(error) => entry.problems.push(format!("{error:#}")),
-                }
-            }
-            Err(problems) => entry.problems = problems,
-        }
+        entry.retry = Some(StartRetry {
+            pipeline: Box::new(pipeline),
+            at: Instant::now(),
+            backoff: Backoff::new(START_RETRY_MIN, START_RETRY_MAX),
+        });
+        start(client, options, &mut entry).await;
     }
     managed.insert(key, entry);
+}
+
+/// Starts the entry's engine, or records why it cannot start: invalid for good (until the
+/// spec changes), or failed for now and tried again later.
+async fn start(client: &kube::Client, options: &ControllerOptions, entry: &mut Managed) {
+    let Some(retry) = entry.retry.as_mut() else {
+        return;
+    };
+    let loaded = match check_resource(&retry.pipeline) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            entry.problems = problems;
+            entry.retry = None;
+            return;
+        }
+    };
+    let id = format!(
+        "{}/{}",
+        pipeline_namespace(&retry.pipeline),
+        retry.pipeline.metadata.name.as_deref().unwrap_or_default()
+    );
+    match Engine::start(client.clone(), vec![loaded], options.engine.clone()).await {
+        Ok(engine) => {
+            entry.live = engine.pipelines.first().cloned();
+            entry.engine = Some(engine);
+            entry.problems.clear();
+            entry.retry = None;
+            tracing::info!(pipeline = %id, "started");
+        }
+        Err(error) => {
+            let delay = retry.backoff.next_delay();
+            retry.at = Instant::now() + delay;
+            tracing::warn!(pipeline = %id, error = %format!("{error:#}"), retry_in_s = delay.as_secs(), "cannot start; trying again");
+            entry.problems = vec![format!(
+                "{error:#} (trying again in {}s)",
+                delay.as_secs().max(1)
+            )];
+        }
+    }
 }
 
 async fn write_statuses(client: &kube::Client, managed: &mut HashMap<(String, String), Managed>) {
@@ -211,6 +272,8 @@ fn status_of(entry: &Managed) -> PipelineStatus {
             "Paused",
             format!("annotation {PAUSED_ANNOTATION} is \"true\""),
         )
+    } else if entry.retry.is_some() && !entry.problems.is_empty() {
+        ("False", "StartFailed", entry.problems.join("; "))
     } else if !entry.problems.is_empty() {
         ("False", "Invalid", entry.problems.join("; "))
     } else {

@@ -1,6 +1,6 @@
 //! `spate run` as the in-cluster controller, on the simulator with real RabbitMQ: Pipelines
-//! created, paused, resumed, made invalid and deleted through the API; two replicas with one
-//! leader and a fail-over.
+//! created, paused, resumed, made invalid and deleted through the API; one that cannot start
+//! yet started once it can; two replicas with one leader and a fail-over.
 
 use crate::common;
 
@@ -250,6 +250,90 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
         (left == 0)
             .then_some(())
             .ok_or(format!("{left} events still have Jobs"))
+    })
+    .await;
+
+    stop.cancel();
+    running.await.unwrap();
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    install_crd(&cluster).await;
+    let state = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(controller::run(
+        cluster.client(),
+        options("replica-a", state.path()),
+        stop.clone(),
+    ));
+    let queue = format!("spate-controller-late-secret-{}", std::process::id());
+    let connection = connect_amqp().await;
+    publish(&connection, &queue, ids("s", 0, 10)).await;
+
+    // The broker's URL is in a Secret that does not exist yet.
+    let mut waiting = pipeline("late", &queue);
+    waiting.spec.source = serde_json::from_value(serde_json::json!({
+        "amqp": {"urlFrom": {"secretKeyRef": {"name": "broker", "key": "url"}}, "queue": queue}
+    }))
+    .unwrap();
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    let created = pipelines
+        .create(&PostParams::default(), &waiting)
+        .await
+        .unwrap();
+    let uid = created.meta().uid.clone().unwrap();
+    eventually("StartFailed naming the Secret", 30, || async {
+        let status = pipelines
+            .get_status("late")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        status
+            .conditions
+            .first()
+            .filter(|c| c.reason == "StartFailed" && c.message.contains("broker"))
+            .map(|_| ())
+            .ok_or(format!("{status:?}"))
+    })
+    .await;
+
+    // The Secret arrives: without any change to the Pipeline, it starts and takes its events.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(cluster.client(), "default");
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "broker"},
+        "data": {"url": k8s_openapi::ByteString(AMQP.as_bytes().to_vec())}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
+    eventually("10 Jobs once the Secret exists", 60, || async {
+        let owners = owned_jobs(&jobs, &uid).await;
+        (owners.len() == 10 && owners.values().all(|n| *n == 1))
+            .then_some(())
+            .ok_or(format!("{} events have Jobs", owners.len()))
+    })
+    .await;
+    eventually("Running", 30, || async {
+        let status = pipelines
+            .get_status("late")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        (status.conditions.first().map(|c| c.reason.as_str()) == Some("Running")
+            && status.last_error.is_none())
+        .then_some(())
+        .ok_or(format!("{status:?}"))
     })
     .await;
 
