@@ -964,7 +964,9 @@ fn the_engine_keeps_its_promises_under_faults_and_crashes() {
     let started = std::time::Instant::now();
     let mut total = Ran::default();
     let mut failures = Vec::new();
+    let mut ran = 0;
     for &seed in &seeds {
+        ran += 1;
         match std::panic::catch_unwind(|| run_seed(seed)) {
             Ok(Ok(ran)) => {
                 total.acked += ran.acked;
@@ -981,7 +983,7 @@ fn the_engine_keeps_its_promises_under_faults_and_crashes() {
         }
     }
     eprintln!(
-        "engine model: {} seeds in {:.1}s: {} events acknowledged, {} rejected, {} Jobs, {} crashes, {} redundant reports",
+        "engine model: {ran} of {} seeds run in {:.1}s: {} events acknowledged, {} rejected, {} Jobs, {} crashes, {} redundant reports",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.acked,
