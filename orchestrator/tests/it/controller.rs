@@ -15,7 +15,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use spate::engine::EngineOptions;
 use spate::engine::controller::{self, ControllerOptions};
 use spate::engine::leader::LeaseConfig;
-use spate::pipeline::Pipeline;
+use spate::pipeline::{Pipeline, PipelineStatus};
 use spate_sim::{SimCluster, SimConfig};
 use spate_sources::checkpoint::FileCheckpoints;
 use tokio_util::sync::CancellationToken;
@@ -82,6 +82,44 @@ where
     }
 }
 
+/// The simulator with the CRD installed, and one controller replica running on it.
+struct OneReplica {
+    cluster: SimCluster,
+    state: tempfile::TempDir,
+    stop: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl OneReplica {
+    async fn start() -> OneReplica {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+        install_crd(&cluster).await;
+        let state = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(controller::run(
+            cluster.client(),
+            options("replica-a", state.path()),
+            stop.clone(),
+        ));
+        OneReplica {
+            cluster,
+            state,
+            stop,
+            running,
+        }
+    }
+}
+
+async fn status_of(pipelines: &Api<Pipeline>, name: &str) -> PipelineStatus {
+    pipelines
+        .get_status(name)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+}
+
 /// Event id → Jobs carrying it, for Jobs owned by `owner_uid`.
 async fn owned_jobs(jobs: &Api<Job>, owner_uid: &str) -> BTreeMap<String, usize> {
     let list = jobs.list(&ListParams::default()).await.unwrap();
@@ -97,16 +135,12 @@ async fn owned_jobs(jobs: &Api<Job>, owner_uid: &str) -> BTreeMap<String, usize>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
-    install_crd(&cluster).await;
-    let state = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(controller::run(
-        cluster.client(),
-        options("replica-a", state.path()),
-        stop.clone(),
-    ));
+    let OneReplica {
+        cluster,
+        state,
+        stop,
+        running,
+    } = OneReplica::start().await;
     let queue = format!("spate-controller-{}", std::process::id());
     let connection = connect_amqp().await;
     publish(&connection, &queue, ids("c", 0, 30)).await;
@@ -127,12 +161,7 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
     })
     .await;
     eventually("status counts and Ready", 30, || async {
-        let status = pipelines
-            .get_status("orders")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
+        let status = status_of(&pipelines, "orders").await;
         let ready = status
             .conditions
             .first()
@@ -162,12 +191,7 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
     };
     spate("pause");
     eventually("Paused condition", 30, || async {
-        let status = pipelines
-            .get_status("orders")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
+        let status = status_of(&pipelines, "orders").await;
         (status.conditions.first().map(|c| c.reason.as_str()) == Some("Paused"))
             .then_some(())
             .ok_or(format!("{status:?}"))
@@ -198,12 +222,7 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
         .await
         .unwrap();
     eventually("Invalid condition naming the field", 30, || async {
-        let status = pipelines
-            .get_status("orders")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
+        let status = status_of(&pipelines, "orders").await;
         let invalid = status.conditions.first().is_some_and(|condition| {
             condition.reason == "Invalid" && condition.message.contains("spec.fanout.batchSize")
         });
@@ -224,12 +243,7 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
         .await
         .unwrap();
     eventually("Running again, lastError cleared", 30, || async {
-        let status = pipelines
-            .get_status("orders")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
+        let status = status_of(&pipelines, "orders").await;
         let running = status
             .conditions
             .first()
@@ -261,16 +275,13 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
-    install_crd(&cluster).await;
-    let state = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(controller::run(
-        cluster.client(),
-        options("replica-a", state.path()),
-        stop.clone(),
-    ));
+    let OneReplica {
+        cluster,
+        // Held to the end: the controller keeps its state there.
+        state: _state,
+        stop,
+        running,
+    } = OneReplica::start().await;
     let queue = format!("spate-controller-late-secret-{}", std::process::id());
     let connection = connect_amqp().await;
     publish(&connection, &queue, ids("s", 0, 10)).await;
@@ -288,12 +299,7 @@ async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
         .unwrap();
     let uid = created.meta().uid.clone().unwrap();
     eventually("StartFailed naming the Secret", 30, || async {
-        let status = pipelines
-            .get_status("late")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
+        let status = status_of(&pipelines, "late").await;
         status
             .conditions
             .first()
@@ -324,12 +330,7 @@ async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
     })
     .await;
     eventually("Running", 30, || async {
-        let status = pipelines
-            .get_status("late")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
+        let status = status_of(&pipelines, "late").await;
         (status.conditions.first().map(|c| c.reason.as_str()) == Some("Running")
             && status.last_error.is_none())
         .then_some(())
