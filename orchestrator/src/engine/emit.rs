@@ -325,7 +325,8 @@ impl Emitter {
 
     /// Deletes an incomplete Job: only that one (`uid`), and only as it was seen
     /// (`resource_version`) when given. Failing to is logged: the Job runs nothing while
-    /// suspended, and [`Emitter::repair`] deletes it after a restart.
+    /// suspended, and the intake finds it ([`Emitter::find`]) and has [`Emitter::repair`]
+    /// delete it later.
     async fn delete_incomplete(
         &self,
         jobs: &Api<Job>,
