@@ -120,6 +120,17 @@ async fn status_of(pipelines: &Api<Pipeline>, name: &str) -> PipelineStatus {
         .unwrap_or_default()
 }
 
+/// Waits (up to a minute) until `events` events have a Job owned by `owner_uid`, each exactly one.
+async fn one_job_per_event(jobs: &Api<Job>, owner_uid: &str, events: usize, what: &str) {
+    eventually(what, 60, || async {
+        let owners = owned_jobs(jobs, owner_uid).await;
+        (owners.len() == events && owners.values().all(|n| *n == 1))
+            .then_some(())
+            .ok_or(format!("{} events have Jobs: {owners:?}", owners.len()))
+    })
+    .await;
+}
+
 /// Event id → Jobs carrying it, for Jobs owned by `owner_uid`.
 async fn owned_jobs(jobs: &Api<Job>, owner_uid: &str) -> BTreeMap<String, usize> {
     let list = jobs.list(&ListParams::default()).await.unwrap();
@@ -153,13 +164,7 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
         .unwrap();
     let uid = created.meta().uid.clone().unwrap();
 
-    eventually("30 Jobs owned by the Pipeline", 60, || async {
-        let owners = owned_jobs(&jobs, &uid).await;
-        (owners.len() == 30 && owners.values().all(|n| *n == 1))
-            .then_some(())
-            .ok_or(format!("{} events have Jobs", owners.len()))
-    })
-    .await;
+    one_job_per_event(&jobs, &uid, 30, "30 Jobs owned by the Pipeline").await;
     eventually("status counts and Ready", 30, || async {
         let status = status_of(&pipelines, "orders").await;
         let ready = status
@@ -207,13 +212,7 @@ async fn pipelines_are_run_paused_validated_and_deleted_through_the_api() {
 
     // Resumed with the CLI: they get their Jobs.
     spate("resume");
-    eventually("40 Jobs after resume", 60, || async {
-        let owners = owned_jobs(&jobs, &uid).await;
-        (owners.len() == 40 && owners.values().all(|n| *n == 1))
-            .then_some(())
-            .ok_or(format!("{} events have Jobs", owners.len()))
-    })
-    .await;
+    one_job_per_event(&jobs, &uid, 40, "40 Jobs after resume").await;
 
     // An invalid change is reported, field and all, and nothing runs.
     let invalid = serde_json::json!({"spec": {"fanout": {"batchSize": 0}}});
@@ -322,13 +321,7 @@ async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
         .await
         .unwrap();
     let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
-    eventually("10 Jobs once the Secret exists", 60, || async {
-        let owners = owned_jobs(&jobs, &uid).await;
-        (owners.len() == 10 && owners.values().all(|n| *n == 1))
-            .then_some(())
-            .ok_or(format!("{} events have Jobs", owners.len()))
-    })
-    .await;
+    one_job_per_event(&jobs, &uid, 10, "10 Jobs once the Secret exists").await;
     eventually("Running", 30, || async {
         let status = status_of(&pipelines, "late").await;
         (status.conditions.first().map(|c| c.reason.as_str()) == Some("Running")
@@ -391,13 +384,7 @@ async fn two_replicas_run_each_pipeline_once_and_fail_over() {
     stop_a.cancel();
     replica_a.await.unwrap();
     publish(&connection, &queue, ids("c", 20, 20)).await;
-    eventually("40 Jobs after fail-over", 60, || async {
-        let owners = owned_jobs(&jobs, &uid).await;
-        (owners.len() == 40 && owners.values().all(|n| *n == 1))
-            .then_some(())
-            .ok_or(format!("{} events have Jobs: {owners:?}", owners.len()))
-    })
-    .await;
+    one_job_per_event(&jobs, &uid, 40, "40 Jobs after fail-over").await;
     let lease: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(cluster.client(), "default");
     let holder = lease
