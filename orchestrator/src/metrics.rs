@@ -40,6 +40,7 @@ pub struct Metrics {
     pub job_create_seconds: Histograms,
     pub event_to_job_seconds: Histograms,
     pub pods_in_budget: Family<PipelineLabel, Gauge>,
+    pub event_index_events: Family<PipelineLabel, Gauge>,
     pub items_finished: Family<OutcomeLabels, Counter>,
     pub dead_letters: Family<PipelineLabel, Counter>,
     pub api_retries: Counter,
@@ -56,6 +57,7 @@ impl Metrics {
         let job_create_seconds: Histograms = Family::new_with_constructor(latency_histogram);
         let event_to_job_seconds: Histograms = Family::new_with_constructor(latency_histogram);
         let pods_in_budget = Family::<PipelineLabel, Gauge>::default();
+        let event_index_events = Family::<PipelineLabel, Gauge>::default();
         let items_finished = Family::<OutcomeLabels, Counter>::default();
         let dead_letters = Family::<PipelineLabel, Counter>::default();
         let api_retries = Counter::default();
@@ -85,6 +87,11 @@ impl Metrics {
             pods_in_budget.clone(),
         );
         registry.register(
+            "event_index_events",
+            "Events of the pipeline's live Jobs, held to acknowledge their redeliveries",
+            event_index_events.clone(),
+        );
+        registry.register(
             "items_finished",
             "Items whose Job finished, by outcome",
             items_finished.clone(),
@@ -105,6 +112,7 @@ impl Metrics {
             job_create_seconds,
             event_to_job_seconds,
             pods_in_budget,
+            event_index_events,
             items_finished,
             dead_letters,
             api_retries,

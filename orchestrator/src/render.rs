@@ -38,6 +38,9 @@ pub const SOURCE_ANNOTATION: &str = "spate.dev/source";
 /// is created without one, so the TTL controller cannot delete a finished Job before the
 /// tracker has read it (while Spate is down, say); the tracker sets it with the reported mark.
 pub const TTL_ANNOTATION: &str = "spate.dev/ttl-seconds-after-finished";
+/// Annotation: the parallelism an indexed Job was rendered with, set by the engine when the
+/// budget had fewer pods free at its creation; the tracker raises it back as pods come free.
+pub const WANTED_PARALLELISM_ANNOTATION: &str = "spate.dev/wanted-parallelism";
 /// The virtual-kubelet taint key every provider uses (`virtual-kubelet.io/provider=<name>`).
 pub const VIRTUAL_KUBELET_TAINT: &str = "virtual-kubelet.io/provider";
 /// The node label virtual-kubelet nodes carry (`type=virtual-kubelet`).
@@ -234,6 +237,7 @@ fn split_by_size(template: &JobTemplateSpec, events: &[Event]) -> Vec<Range<usiz
         + EVENT_IDS_ANNOTATION.len()
         + SOURCE_ANNOTATION.len()
         + TTL_ANNOTATION.len()
+        + WANTED_PARALLELISM_ANNOTATION.len()
         + SPLIT_MARGIN_BYTES;
     let ids_room = MAX_ANNOTATIONS_BYTES.saturating_sub(fixed_annotations);
     let items_room = MAX_CONFIG_MAP_BYTES.saturating_sub(SPLIT_MARGIN_BYTES);

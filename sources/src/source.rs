@@ -21,6 +21,12 @@ use crate::secret::SecretResolver;
 pub struct Delivery {
     pub event: Event,
     pub ack: Ack,
+    /// Why no Job may be made of this delivery, when the source knows it cannot be run: a
+    /// transport message that is not what the source reads (an S3 notification that is not
+    /// one), or a message delivered more times than the source allows. The engine sends it
+    /// to the dead-letter sink with this reason and rejects it, unless its event already has
+    /// a Job (then it is acknowledged); the `event` is what the broker delivered.
+    pub refusal: Option<String>,
 }
 
 /// How a source settles one event. Exactly one method is called, once.

@@ -36,6 +36,7 @@ mod tests {
 
     fn delivery(id: usize) -> Delivery {
         Delivery {
+            refusal: None,
             event: Event::new(id.to_string(), Map::new()).unwrap(),
             ack: Ack::none(),
         }

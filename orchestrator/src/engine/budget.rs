@@ -215,6 +215,29 @@ impl Budget {
         }
     }
 
+    /// Raises `job`'s count towards `wanted` pods with what is free now, without waiting:
+    /// the new count, or `None` when nothing more was free.
+    pub fn grow(&self, job: &str, wanted: u32) -> Option<u32> {
+        let mut nodes = self.inner.tree.nodes.lock();
+        let own = nodes
+            .get(&self.inner.id)
+            .and_then(|node| node.jobs.get(job))
+            .copied()
+            .unwrap_or(0);
+        let granted = room(&nodes, self.inner.id).saturating_add(own).min(wanted);
+        if granted <= own {
+            return None;
+        }
+        set(&mut nodes, self.inner.id, job, granted);
+        Some(granted)
+    }
+
+    /// Resolves at the next release anywhere in this budget's tree (created before looking
+    /// at the room, it still sees a release that happens in between).
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.tree.freed.notified()
+    }
+
     /// Records what the Job watch saw for `job`.
     pub fn observe(&self, job: &str, usage: JobUsage) {
         self.set(job, usage.pods());

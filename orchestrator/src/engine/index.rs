@@ -79,6 +79,11 @@ impl EventIndex {
         }
     }
 
+    /// Events held: those of the live Jobs.
+    pub fn len(&self) -> usize {
+        self.inner.lock().jobs_with.len()
+    }
+
     /// The ids among `events` that already have a Job.
     pub fn existing<'a>(&self, events: impl IntoIterator<Item = &'a str>) -> HashSet<String> {
         let index = self.inner.lock();

@@ -7,7 +7,8 @@
 //! it is full, which stops reading the source so the broker holds the rest), wait for the
 //! rate limiter, create the Job, and only then acknowledge its events. An event that cannot
 //! become a Job (its template fails to render, it is larger than any Job can carry, the API
-//! refuses it, retries run out) goes to the dead-letter sink with the reason and is rejected
+//! refuses it, its source refused it: not readable, delivered too often) goes to the
+//! dead-letter sink with the reason and is rejected
 //! at its source; if even the dead-letter sink fails, the event is handed back for
 //! redelivery. Nothing is acknowledged without its Job, and nothing is dropped.
 //!
@@ -70,13 +71,15 @@ enum Settled {
 
 /// A claim's outcome, `None` until settled; the claim dropped unsettled means handed back.
 type ClaimOutcome = watch::Receiver<Option<Settled>>;
+/// Event id to the outcome of the Job (or dead letter) that has claimed it.
+type Claims = HashMap<String, ClaimOutcome>;
 
 /// The intake while it runs.
 struct Running {
     intake: Intake,
     /// Event ids taken by a Job being created, from the moment their batch is taken until
     /// they are settled.
-    claims: Mutex<HashMap<String, ClaimOutcome>>,
+    claims: Mutex<Claims>,
     /// Incomplete Jobs to delete once [`REPAIR_GRACE`] has passed since they were found.
     to_repair: mpsc::UnboundedSender<(Job, Instant)>,
 }
@@ -230,11 +233,12 @@ impl Running {
             .known
             .existing(batch.iter().map(|d| d.event.id()));
         let mut fresh = Vec::with_capacity(batch.len());
+        let mut refused_by_source = Vec::new();
         let mut repeated = Vec::new();
         {
             let claims = self.claims.lock();
             let mut seen = HashSet::with_capacity(batch.len());
-            for delivery in batch {
+            for mut delivery in batch {
                 let id = delivery.event.id();
                 if let Some(outcome) = claims.get(id) {
                     taken.followers.push((delivery, outcome.clone()));
@@ -242,32 +246,37 @@ impl Running {
                     taken.done.push(delivery);
                 } else if !seen.insert(id.to_string()) {
                     repeated.push(delivery);
+                } else if let Some(reason) = delivery.refusal.take() {
+                    refused_by_source.push((delivery, reason));
                 } else {
                     fresh.push(delivery);
                 }
             }
         }
-        if fresh.is_empty() {
-            return taken;
-        }
-        let events: Vec<Event> = fresh.iter().map(|d| d.event.clone()).collect();
-        let loaded = &self.intake.pipeline;
-        let parts = render_parts(&loaded.pipeline, &loaded.template, &loaded.values, &events);
-        drop(events);
+        // In id order, so the same events always make the same Job whatever order their
+        // (re)deliveries come in: its name ignores the order, but its annotation and its input
+        // list the events by index, and a Job found existing after a crash gets its input
+        // from the new rendering.
+        fresh.sort_unstable_by(|a, b| a.event.id().cmp(b.event.id()));
+        let parts = if fresh.is_empty() {
+            Vec::new()
+        } else {
+            let events: Vec<Event> = fresh.iter().map(|d| d.event.clone()).collect();
+            let loaded = &self.intake.pipeline;
+            render_parts(&loaded.pipeline, &loaded.template, &loaded.values, &events)
+        };
         let mut fresh = fresh.into_iter();
         let mut claims = self.claims.lock();
+        // Refused deliveries are claimed like the rest, so another delivery of the same event
+        // arriving while the dead-letter sink is written is settled with them.
+        for (delivery, reason) in refused_by_source {
+            let claim = self.claim(&mut claims, vec![delivery.event.id().to_string()]);
+            taken.refused.push((vec![delivery], claim, reason));
+        }
         for part in parts {
             let batch: Vec<Delivery> = fresh.by_ref().take(part.events.len()).collect();
             let ids: Vec<String> = batch.iter().map(|d| d.event.id().to_string()).collect();
-            let (outcome, receiver) = watch::channel(None);
-            for id in &ids {
-                claims.insert(id.clone(), receiver.clone());
-            }
-            let claim = Claim {
-                ids,
-                outcome,
-                running: self.clone(),
-            };
+            let claim = self.claim(&mut claims, ids);
             match part.job {
                 Ok(rendered) => taken.parts.push(Prepared::new(batch, rendered, claim)),
                 Err(error) => {
@@ -288,6 +297,19 @@ impl Running {
             taken.followers.push((delivery, outcome));
         }
         taken
+    }
+
+    /// Claims `ids` for one outcome; the caller holds the claims' lock.
+    fn claim(self: &Arc<Self>, claims: &mut Claims, ids: Vec<String>) -> Claim {
+        let (outcome, receiver) = watch::channel(None);
+        for id in &ids {
+            claims.insert(id.clone(), receiver.clone());
+        }
+        Claim {
+            ids,
+            outcome,
+            running: self.clone(),
+        }
     }
 
     async fn ack_existing(&self, batch: Vec<Delivery>) {
@@ -568,12 +590,22 @@ impl Prepared {
         }
     }
 
-    /// Starts an indexed Job with the pods free now; the Job controller queues the rest.
+    /// Starts an indexed Job with the pods free now; the Job controller queues the rest, and
+    /// the tracker raises its parallelism back towards what it wanted as pods come free.
     fn fit(&mut self, granted: u32) {
         if granted < self.wanted
             && let Some(spec) = self.rendered.job.spec.as_mut()
         {
             spec.parallelism = i32::try_from(granted).ok();
+            self.rendered
+                .job
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(
+                    crate::render::WANTED_PARALLELISM_ANNOTATION.to_string(),
+                    self.wanted.to_string(),
+                );
         }
     }
 
@@ -711,7 +743,17 @@ mod tests {
         }
 
         async fn deliver(&self, id: &str) {
+            self.send(id, None).await;
+        }
+
+        /// A delivery its source refuses to have run, with `reason`.
+        async fn deliver_refused(&self, id: &str, reason: &str) {
+            self.send(id, Some(reason.to_string())).await;
+        }
+
+        async fn send(&self, id: &str, refusal: Option<String>) {
             let delivery = Delivery {
+                refusal,
                 event: Event::new(id, Map::new()).unwrap(),
                 ack: Ack::new(Recorded {
                     id: id.to_string(),
@@ -837,6 +879,55 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_delivery_its_source_refused_is_dead_lettered_with_the_reason() {
+        let harness = Harness::start(INDEXED).await;
+        // One batch holds the refused event twice.
+        harness
+            .deliver_refused("e2", "delivered 6 times, more than maxDeliver (5)")
+            .await;
+        harness.deliver_refused("e2", "delivered 7 times").await;
+        harness.deliver("e1").await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(harness.jobs_per_event(), once_each(&["e1"]));
+        assert_eq!(harness.settled.of("e1"), ["ack"]);
+        assert_eq!(harness.settled.of("e2"), ["reject", "reject"]);
+        let dead_letters = harness.api.objects().events.clone();
+        assert_eq!(dead_letters.len(), 1, "one dead letter: {dead_letters:?}");
+        assert!(
+            dead_letters[0]
+                .to_string()
+                .contains("more than maxDeliver (5)"),
+            "{}",
+            dead_letters[0]
+        );
+        harness.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_delivery_of_an_event_that_has_a_job_is_acknowledged() {
+        let api = FakeApi::default();
+        api.insert(
+            "jobs",
+            serde_json::json!({
+                "metadata": {"name": "p-done", "namespace": "default",
+                    "labels": {PIPELINE_LABEL: "p"},
+                    "annotations": {EVENT_IDS_ANNOTATION: "[\"e1\"]"}},
+                "spec": {"template": {}}
+            }),
+            Duration::from_secs(600),
+        );
+        let known = EventIndex::default();
+        known.insert_job(&api.job("p-done").unwrap());
+        let harness = Harness::start_with(api, known, INDEXED).await;
+        // Its acknowledgements were lost until the source gave up on it.
+        harness.deliver_refused("e1", "delivered 6 times").await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(harness.settled.of("e1"), ["ack"]);
+        assert!(harness.api.objects().events.is_empty(), "no dead letter");
+        harness.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_batch_too_large_for_one_job_becomes_several() {
         // The budget covers every part: no tracker here gives pods back.
         let harness = Harness::start(
@@ -851,6 +942,7 @@ mod tests {
             tokio::spawn(async move {
                 for id in ids {
                     let delivery = Delivery {
+                        refusal: None,
                         event: Event::new(id.clone(), Map::new()).unwrap(),
                         ack: Ack::new(Recorded {
                             id,

@@ -23,9 +23,10 @@ mod sinks;
 pub mod stats;
 mod stuck;
 pub mod tracker;
+mod widen;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -79,6 +80,9 @@ pub struct RunningPipeline {
     pub budget: Budget,
     /// What the source last reported it still holds for the pipeline.
     pub backlog: Backlog,
+    /// Why the source stopped for good, once it has (a queue that does not exist, refused
+    /// credentials): the pipeline takes no more events.
+    pub source_failure: Arc<OnceLock<String>>,
 }
 
 impl Engine {
@@ -142,11 +146,13 @@ impl Engine {
                 options.namespace_budget.clone(),
             );
             let stats = Arc::new(stats::PipelineStats::default());
+            let source_failure = Arc::new(OnceLock::new());
             running.push(RunningPipeline {
                 id: id.clone(),
                 stats: stats.clone(),
                 budget: budget.clone(),
                 backlog,
+                source_failure: source_failure.clone(),
             });
             let emitter = emit::Emitter::new(
                 client.clone(),
@@ -173,8 +179,6 @@ impl Engine {
                 namespace: namespace.clone(),
                 pipeline: name.clone(),
                 timeout: spate_sources::check::parse_duration(&spec.retry.pending_timeout),
-                sinks: sinks.clone(),
-                stats: stats.clone(),
             };
             watchers.spawn(stuck.run(everything.clone()));
 
@@ -189,6 +193,7 @@ impl Engine {
             flow.spawn(async move {
                 if let Err(error) = source.run(deliveries_tx, source_shutdown).await {
                     tracing::error!(pipeline = %source_id, %error, "source stopped");
+                    let _ = source_failure.set(error.to_string());
                 }
             });
             let intake = intake::Intake {
@@ -237,6 +242,19 @@ impl Engine {
         while self.watchers.join_next().await.is_some() {}
         // The status keeps a copy of each budget: closing, not dropping, is what gives a
         // stopped pipeline's pods back to the namespace's cap.
+        for pipeline in &self.pipelines {
+            pipeline.budget.close();
+        }
+    }
+
+    /// Stops at once, creates in flight included: for a replica that lost the leader Lease,
+    /// which must be stopped before another replica can take the Lease over. The events it
+    /// holds are not settled, so their brokers deliver them again, to the new leader.
+    pub async fn abort(mut self) {
+        self.sources.cancel();
+        self.everything.cancel();
+        while self.flow.join_next().await.is_some() {}
+        while self.watchers.join_next().await.is_some() {}
         for pipeline in &self.pipelines {
             pipeline.budget.close();
         }

@@ -318,19 +318,13 @@ impl World {
             .collect()
     }
 
-    /// The event's Job ended and its outcome reached the sinks: a result, or the sweeper's
-    /// dead letter for a Job whose pods never started.
+    /// The event's Job ended and its outcome reached the result sink (a Job whose pods never
+    /// started is ended by the sweeper and reported like any other).
     fn outcome_known(&self, event: &str) -> bool {
         self.sinks.results.iter().any(|logged| {
             logged.event == event
                 && logged.job.is_some()
                 && logged.outcome != spate_sinks::Outcome::DeadLettered
-        }) || self.sinks.dead_letters.iter().any(|logged| {
-            logged.event == event
-                && logged
-                    .reason
-                    .as_deref()
-                    .is_some_and(|reason| reason.starts_with("pod Pending for more than"))
         })
     }
 
@@ -481,17 +475,25 @@ impl World {
         let now = self.now();
         for record in records {
             let event = source::event_id(&record.event);
-            let after_mark = record
+            let grave = record
                 .job
                 .as_ref()
-                .and_then(|job| self.cluster.live_grave(job))
-                .is_some_and(|grave| grave.marked_reported);
+                .and_then(|job| self.cluster.live_grave(job));
+            let after_mark = grave.is_some_and(|grave| grave.marked_reported);
+            let ran_in_job = grave.is_some_and(|grave| {
+                grave.events.iter().enumerate().any(|(index, id)| {
+                    id == &event
+                        && u32::try_from(index)
+                            .is_ok_and(|index| grave.succeeded_indexes.contains(&index))
+                })
+            });
             let logged = source::Logged {
                 outcome: record.outcome,
                 event: event.clone(),
                 job: record.job.clone(),
                 reason: record.reason.clone(),
                 after_mark,
+                ran_in_job,
             };
             self.notes.push((
                 now,
@@ -577,6 +579,26 @@ impl World {
             }
         }
         for text in after_mark {
+            self.violation(text);
+        }
+        // An item that ran to success is never dead-lettered from its Job, nor reported
+        // failed: a pod of the same Job that never starts ends only the items still to run.
+        let undone: Vec<String> = self
+            .sinks
+            .dead_letters
+            .iter()
+            .chain(&self.sinks.results)
+            .filter(|logged| logged.ran_in_job && logged.outcome != spate_sinks::Outcome::Succeeded)
+            .map(|logged| {
+                format!(
+                    "event {} succeeded in Job {} but was reported {:?}",
+                    logged.event,
+                    logged.job.as_deref().unwrap_or_default(),
+                    logged.outcome
+                )
+            })
+            .collect();
+        for text in undone {
             self.violation(text);
         }
         self.redundant_reports += reports.values().map(|n| n - 1).sum::<usize>();
@@ -678,8 +700,6 @@ impl Process {
             namespace: NAMESPACE.to_string(),
             pipeline: PIPELINE.to_string(),
             timeout: spate_sources::check::parse_duration(&spec.retry.pending_timeout),
-            sinks: sinks.clone(),
-            stats: stats.clone(),
         };
         tasks.spawn(stuck.run(everything.clone()));
         let capacity = match spec.fanout.mode {

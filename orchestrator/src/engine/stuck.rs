@@ -1,27 +1,36 @@
-//! Pods that never start: deleted after `retry.pendingTimeout`, their events dead-lettered.
+//! Pods that never start: their Job is failed after `retry.pendingTimeout`.
 //!
 //! A virtual-kubelet provider that refuses a pod (Azure Container Instances over quota, an
 //! image it cannot pull) leaves it Pending and never retries. Such a pod holds its share of
-//! the budget forever, so after the timeout its Job is deleted (freeing the budget) and its
-//! events go to the dead-letter sink with the pod's own reason, e.g. `ProviderFailed:
-//! container group quota exceeded`.
+//! the budget forever, so after the timeout the sweeper ends its Job: one patch sets the
+//! Job's `activeDeadlineSeconds` to 1 (the Job controller then marks it Failed,
+//! `DeadlineExceeded`, and deletes its pods, freeing the budget) and records the pod's own
+//! reason in [`GAVE_UP_ANNOTATION`], e.g. `ProviderFailed: container group quota exceeded`.
+//! The Job is then reported like any finished Job, by the tracker: the indexes that already
+//! succeeded as succeeded, the rest as failed and dead-lettered with that reason, once per
+//! sink; its TTL starts with the report.
+//!
+//! The watch can be behind (a pod replaced, a gap it re-listed over), so a pod is given up
+//! on only after the API still shows it Pending.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use parking_lot::Mutex;
-use spate_sinks::{Outcome, Record};
+use serde_json::json;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-use super::sinks::PipelineSinks;
-use super::stats::PipelineStats;
 use crate::render::PIPELINE_LABEL;
+
+/// Set on a Job the sweeper ended: why its pods never started, the reason its unfinished
+/// items are reported with.
+pub const GAVE_UP_ANNOTATION: &str = "spate.dev/gave-up";
 
 /// A Pending pod: when it was created, its Job, and why it waits.
 #[derive(Debug, Clone)]
@@ -36,8 +45,6 @@ pub struct StuckPods {
     pub namespace: String,
     pub pipeline: String,
     pub timeout: Duration,
-    pub sinks: Arc<PipelineSinks>,
-    pub stats: Arc<PipelineStats>,
 }
 
 impl StuckPods {
@@ -79,8 +86,13 @@ impl StuckPods {
                     .map(|(pod, w)| (pod.clone(), w.clone()))
                     .collect();
                 for (pod, entry) in stuck {
-                    if self.give_up(&entry).await.is_ok() {
-                        waiting.lock().remove(&pod);
+                    match self.give_up(&pod, &entry).await {
+                        Ok(()) => {
+                            waiting.lock().remove(&pod);
+                        }
+                        Err(error) => {
+                            tracing::warn!(pipeline = %self.pipeline, job = %entry.job, %error, "cannot end a Job whose pod never started; trying again");
+                        }
                     }
                 }
             }
@@ -92,43 +104,54 @@ impl StuckPods {
         }
     }
 
-    /// Dead-letters the Job's events, then deletes the Job and its pods.
-    async fn give_up(&self, waiting: &Waiting) -> Result<(), String> {
+    /// Fails the pod's Job, with the pod's reason, if the API still shows the pod Pending
+    /// and the Job unfinished.
+    async fn give_up(&self, pod: &str, waiting: &Waiting) -> Result<(), kube::Error> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        if pods
+            .get_opt(pod)
+            .await?
+            .as_ref()
+            .and_then(pending)
+            .is_none()
+        {
+            return Ok(());
+        }
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace);
-        let Some(job) = jobs
-            .get_opt(&waiting.job)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(job) = jobs.get_opt(&waiting.job).await? else {
             return Ok(());
         };
+        if super::tracker::finished(&job).is_some() || gave_up_reason(&job).is_some() {
+            return Ok(());
+        }
         let reason = format!(
             "pod Pending for more than {}: {}",
             humantime::format_duration(self.timeout),
             waiting.reason
         );
-        let at = jiff::Timestamp::now().to_string();
-        let events = super::tracker::job_events(&self.client, &job).await?;
-        let records: Vec<Record> = events
-            .into_iter()
-            .map(|event| Record {
-                pipeline: format!("{}/{}", self.namespace, self.pipeline),
-                outcome: Outcome::DeadLettered,
-                event,
-                job: Some(waiting.job.clone()),
-                reason: Some(reason.clone()),
-                at: at.clone(),
-            })
-            .collect();
-        self.sinks.dead_letter(&records).await?;
-        self.stats.dead_lettered(records.len(), &reason);
         tracing::warn!(pipeline = %self.pipeline, job = %waiting.job, %reason, "giving up on a Job that cannot start");
-        match jobs.delete(&waiting.job, &DeleteParams::background()).await {
+        let patch = json!({
+            "metadata": {"annotations": {GAVE_UP_ANNOTATION: reason}},
+            "spec": {"activeDeadlineSeconds": 1},
+        });
+        match jobs
+            .patch(&waiting.job, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error),
         }
     }
+}
+
+/// Why the sweeper ended this Job, if it did.
+pub fn gave_up_reason(job: &Job) -> Option<&str> {
+    job.metadata
+        .annotations
+        .as_ref()?
+        .get(GAVE_UP_ANNOTATION)
+        .map(String::as_str)
 }
 
 fn pending(pod: &Pod) -> Option<Waiting> {

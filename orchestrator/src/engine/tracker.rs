@@ -30,9 +30,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::budget::{Budget, JobUsage};
-use super::emit;
 use super::index::EventIndex;
 use super::sinks::PipelineSinks;
+use super::widen::Widening;
 use crate::metrics::{METRICS, OutcomeLabels};
 use crate::render::{PIPELINE_LABEL, TTL_ANNOTATION};
 
@@ -67,6 +67,19 @@ impl Tracker {
         );
         let stream = watcher(jobs, watcher::Config::default().labels(&selector)).default_backoff();
         let mut stream = std::pin::pin!(stream.into_stream());
+        let widening = Arc::new(Widening::new(
+            self.client.clone(),
+            self.namespace.clone(),
+            self.pipeline.clone(),
+            self.budget.clone(),
+        ));
+        // Widening ends with the tracker, whichever way the tracker ends.
+        let widening_ends = shutdown.child_token();
+        tokio::spawn({
+            let (widening, ends) = (widening.clone(), widening_ends.clone());
+            async move { widening.run(ends).await }
+        });
+        let _end_widening = widening_ends.drop_guard();
         let this = Arc::new(self);
         let reports = Arc::new(Reports::new());
         // Every Job the watch has shown and not seen deleted: after a re-list, those missing
@@ -87,7 +100,7 @@ impl Tracker {
                     }
                     watched.insert(name.clone());
                     this.known.insert_job(&job);
-                    this.observe(&job);
+                    widening.observe(&job);
                     if finished(&job).is_some() && !is_reported(&job) {
                         reports.start(&this, job, &shutdown);
                     }
@@ -95,14 +108,14 @@ impl Tracker {
                 Ok(watcher::Event::Delete(job)) => {
                     let name = job.metadata.name.as_deref().unwrap_or_default();
                     watched.remove(name);
-                    this.forget(name, &reports);
+                    this.forget(name, &reports, &widening);
                 }
                 Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
                 Ok(watcher::Event::InitDone) => {
                     if let Some(seen) = relisted.take() {
                         for gone in watched.difference(&seen) {
                             tracing::debug!(pipeline = %this.pipeline, job = %gone, "Job deleted during a watch gap");
-                            this.forget(gone, &reports);
+                            this.forget(gone, &reports, &widening);
                         }
                         watched = seen;
                     }
@@ -112,26 +125,21 @@ impl Tracker {
                     tracing::warn!(pipeline = %this.pipeline, %error, "Job watch error; the watcher retries")
                 }
             }
+            let label = crate::metrics::pipeline(&this.pipeline);
             METRICS
                 .pods_in_budget
-                .get_or_create(&crate::metrics::pipeline(&this.pipeline))
+                .get_or_create(&label)
                 .set(i64::from(this.budget.in_use()));
+            METRICS
+                .event_index_events
+                .get_or_create(&label)
+                .set(i64::try_from(this.known.len()).unwrap_or(i64::MAX));
         }
-    }
-
-    /// Counts the Job's pods, unless it is incomplete: it runs none until released, and
-    /// while the intake is creating it, the intake's reservation holds its pods.
-    fn observe(&self, job: &Job) {
-        if emit::is_incomplete(job) {
-            return;
-        }
-        let name = job.metadata.name.as_deref().unwrap_or_default();
-        self.budget.observe(name, usage(job));
     }
 
     /// A deleted Job: its pods and its events are free again.
-    fn forget(&self, name: &str, reports: &Reports) {
-        self.budget.release(name);
+    fn forget(&self, name: &str, reports: &Reports, widening: &Widening) {
+        widening.forget(name);
         self.known.remove_job(name);
         reports.forget(name);
     }
@@ -140,6 +148,8 @@ impl Tracker {
     async fn outcome(&self, job: &Job) -> Result<Report, String> {
         let name = job.metadata.name.clone().unwrap_or_default();
         let (succeeded, reason) = finished(job).unwrap_or_default();
+        // A Job the sweeper ended failed on its deadline; its pods' own reason says why.
+        let reason = super::stuck::gave_up_reason(job).map_or(reason, str::to_string);
         let events = job_events(&self.client, job).await?;
         let completed = job
             .status
@@ -351,7 +361,7 @@ impl Reports {
 }
 
 /// The events a Job served, in index order: from `SPATE_EVENT`, or from its input ConfigMap.
-pub async fn job_events(client: &kube::Client, job: &Job) -> Result<Vec<Value>, String> {
+async fn job_events(client: &kube::Client, job: &Job) -> Result<Vec<Value>, String> {
     let env = job
         .spec
         .as_ref()

@@ -570,3 +570,33 @@ pub async fn post_until_accepted(http: &reqwest::Client, url: &str, key: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Takes `count` JSON records from `queue`, failing after 60 s without them.
+pub async fn take_records(
+    channel: &lapin::Channel,
+    queue: &str,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut records = Vec::new();
+    while records.len() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {count} records on {queue}: {records:?}",
+            records.len()
+        );
+        match channel
+            .basic_get(
+                ShortString::from(queue),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            Some(message) => records
+                .push(serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap()),
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    records
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     AMQP, Observer, PodCensus, connect_amqp, delete_queues, ids, job_template, messages_left,
-    publish, start_engine,
+    publish, start_engine, take_records,
 };
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
@@ -194,43 +194,65 @@ async fn burst_placement_fills_regular_nodes_first_and_overflows_to_the_virtual_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pods_the_provider_refuses_are_given_up_and_dead_lettered_with_its_reason() {
+    refused_by_the_provider("perEvent").await;
+}
+
+/// The items of an indexed Job that ran are reported succeeded; only those whose pods the
+/// provider refused are dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_indexed_job_with_refused_pods_dead_letters_only_the_items_that_did_not_run() {
+    refused_by_the_provider("indexed").await;
+}
+
+/// 12 events, a provider that runs 5 pods at once and refuses the rest for good (like Azure
+/// Container Instances over quota). perEvent: 5 Jobs run 30 s, 7 are ended after
+/// `pendingTimeout` and their events dead-lettered with the provider's reason. indexed: one
+/// Job of 12, whose 5 admitted pods succeed in 1 s; then the 7 refused items are
+/// dead-lettered and the 5 reported succeeded.
+async fn refused_by_the_provider(mode: &str) {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let indexed = mode == "indexed";
     let mut config = SimConfig::default();
-    // Like Azure Container Instances over quota: beyond 5 pods at once, refused for good.
     config.node.max_pods_running = Some(5);
-    config.node.run_time = Duration::from_secs(30);
+    config.node.run_time = Duration::from_secs(if indexed { 1 } else { 30 });
     let cluster = SimCluster::start(config).await.unwrap();
     let client = cluster.client();
-    let queue = format!("spate-test-stuck-{}", std::process::id());
+    let queue = format!("spate-test-stuck-{mode}-{}", std::process::id());
     let dead = format!("{queue}-dead");
+    let results = format!("{queue}-results");
     let connection = connect_amqp().await;
     publish(&connection, &queue, ids("msg", 0, 12)).await;
     let channel = connection.create_channel().await.unwrap();
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(
-            ShortString::from(dead.as_str()),
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    for declared in [&dead, &results] {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(
+                ShortString::from(declared.as_str()),
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
 
     let yaml = format!(
         r#"apiVersion: spate.dev/v1alpha1
 kind: Pipeline
 metadata:
-  name: stuck
+  name: stuck-{mode_name}
   namespace: default
 spec:
   source:
     amqp: {{url: "{AMQP}", queue: {queue}, prefetch: 20}}
-  fanout: {{maxParallelism: 12, maxJobsPerSecond: 1000, burst: 100}}
+  fanout: {{mode: {mode}, batchSize: 12, maxWait: 1s, maxParallelism: 12, maxJobsPerSecond: 1000, burst: 100}}
   retry: {{pendingTimeout: 2s}}
+  ttlSecondsAfterFinished: 1
   sinks:
+    results:
+      - amqp: {{url: "{AMQP}", routingKey: {results}}}
     deadLetter:
       amqp: {{url: "{AMQP}", routingKey: {dead}}}
   jobTemplate:
@@ -238,57 +260,151 @@ spec:
       template:
         spec:
           containers: [{{name: work, image: busybox}}]
-"#
+"#,
+        mode_name = mode.to_lowercase(),
     );
     let state = tempfile::tempdir().unwrap();
     let engine = start_engine(&client, &yaml, state.path()).await;
 
-    // 5 run, 7 are refused: those 7 reach the dead-letter queue with the provider's reason.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut records = Vec::new();
-    while records.len() < 7 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} dead letters: {records:?}",
-            records.len()
-        );
-        match channel
-            .basic_get(
-                ShortString::from(dead.as_str()),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-        {
-            Some(message) => records
-                .push(serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap()),
-            None => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-    for record in &records {
+    let dead_letters = take_records(&channel, &dead, 7).await;
+    for record in &dead_letters {
         assert_eq!(record["outcome"], "deadLettered");
         let reason = record["reason"].as_str().unwrap();
-        assert!(reason.contains("ProviderFailed"), "{reason}");
+        assert!(
+            reason.starts_with("pod Pending for more than 2s: ProviderFailed"),
+            "{reason}"
+        );
         assert!(record["event"]["id"].as_str().unwrap().starts_with("msg-"));
     }
-    // Given up means gone: their Jobs no longer hold the budget.
+    if indexed {
+        let reported = take_records(&channel, &results, 12).await;
+        let outcome_of = |outcome: &str| -> HashSet<String> {
+            reported
+                .iter()
+                .filter(|record| record["outcome"] == outcome)
+                .map(|record| record["event"]["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let dead_ids: HashSet<String> = dead_letters
+            .iter()
+            .map(|record| record["event"]["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(outcome_of("succeeded").len(), 5, "{reported:?}");
+        assert_eq!(outcome_of("failed"), dead_ids, "{reported:?}");
+        assert!(outcome_of("succeeded").is_disjoint(&dead_ids));
+    }
+    // Given up means ended: the refused Jobs were reported and their TTL deleted them, so
+    // they no longer hold the budget; in perEvent mode the 5 running ones are still there.
     let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> =
         kube::Api::namespaced(client.clone(), "default");
+    let selector = format!("spate.dev/pipeline=stuck-{}", mode.to_lowercase());
+    let expected_left = if indexed { 0 } else { 5 };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let left = jobs
-            .list(&kube::api::ListParams::default().labels("spate.dev/pipeline=stuck"))
+            .list(&kube::api::ListParams::default().labels(&selector))
             .await
             .unwrap()
             .items
             .len();
-        if left == 5 {
+        if left == expected_left {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{left} Jobs left");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     engine.shutdown().await;
-    delete_queues(&connection, &[&queue, &dead]).await;
+    delete_queues(&connection, &[&queue, &dead, &results]).await;
+    cluster.shutdown().await;
+}
+
+/// An indexed Job created while the budget had one pod free gets the rest of its
+/// parallelism once the Job before it finishes, instead of running its items one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_indexed_job_started_narrow_is_widened_when_pods_come_free() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = SimConfig::default();
+    config.node.run_time = Duration::from_secs(3);
+    let cluster = SimCluster::start(config).await.unwrap();
+    let client = cluster.client();
+    let queue = format!("spate-test-widen-{}", std::process::id());
+    let connection = connect_amqp().await;
+    let yaml = format!(
+        r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: widen
+  namespace: default
+spec:
+  source:
+    amqp: {{url: "{AMQP}", queue: {queue}, prefetch: 20}}
+  fanout: {{mode: indexed, batchSize: 8, maxWait: 300ms, maxParallelism: 4, maxJobsPerSecond: 1000, burst: 100}}
+  ttlSecondsAfterFinished: 1
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers: [{{name: work, image: busybox}}]
+"#
+    );
+    let observer = Observer::start(&client, "widen");
+    let state = tempfile::tempdir().unwrap();
+    let engine = start_engine(&client, &yaml, state.path()).await;
+    let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> =
+        kube::Api::namespaced(client.clone(), "default");
+    let list = kube::api::ListParams::default().labels("spate.dev/pipeline=widen");
+
+    // The first Job takes 3 of the 4 pods for 3 s; the second, of 8 items, starts with 1.
+    publish(&connection, &queue, ids("first", 0, 3)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while jobs.list(&list).await.unwrap().items.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no first Job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish(&connection, &queue, ids("second", 0, 8)).await;
+
+    let completions_of = |job: &k8s_openapi::api::batch::v1::Job| {
+        job.spec.as_ref().and_then(|spec| spec.completions)
+    };
+    let mut started_with = None;
+    let mut widest = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let second = jobs
+            .list(&list)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|job| completions_of(job) == Some(8));
+        if let Some(second) = second {
+            let parallelism = second
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.parallelism)
+                .unwrap_or(0);
+            started_with.get_or_insert(parallelism);
+            widest = widest.max(parallelism);
+            let done = second.status.as_ref().and_then(|status| status.succeeded) == Some(8);
+            if done || widest == 4 {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "second Job: started with {started_with:?}, widest {widest}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(started_with, Some(1), "the second Job started narrow");
+    assert_eq!(widest, 4, "the second Job was widened to the whole budget");
+
+    let expected: HashSet<String> = ids("first", 0, 3).chain(ids("second", 0, 8)).collect();
+    observer.expect_one_complete_job_per_event(&expected).await;
+    observer.expect_back_to_zero().await;
+    engine.shutdown().await;
+    let census = observer.finish();
+    assert!(census.peak <= 4, "peak {} over maxParallelism", census.peak);
+    delete_queues(&connection, &[&queue]).await;
     cluster.shutdown().await;
 }

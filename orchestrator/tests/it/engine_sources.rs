@@ -345,3 +345,120 @@ spec:
     let _ = spate.wait();
     cluster.shutdown().await;
 }
+
+/// An S3 notification that cannot be read reaches the dead-letter sink whole, with the
+/// reason, and is then terminated at its transport; the readable one beside it becomes a Job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_s3_notification_is_dead_lettered_whole() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    s3_server().await;
+    let nats = async_nats::connect("nats://127.0.0.1:4222")
+        .await
+        .expect("NATS on 127.0.0.1:4222 (scripts/services starts it)");
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let tag = std::process::id();
+    let stream = format!("SPATE_ENGINE_NOTIFICATIONS_{tag}");
+    let subject = format!("spate.engine.{tag}.notifications");
+    let dead_letters = format!("spate.engine.{tag}.dead-letters");
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut dead_letter_feed = nats.subscribe(dead_letters.clone()).await.unwrap();
+    let created = serde_json::json!({"Records": [{
+        "eventName": "ObjectCreated:Put",
+        "eventTime": "2026-05-01T10:00:00.000Z",
+        "s3": {"bucket": {"name": "photos"},
+               "object": {"key": "in/a.jpg", "size": 42, "eTag": "aaa"}}
+    }]});
+    for body in [created.to_string(), "not a notification".to_string()] {
+        jetstream
+            .publish(subject.clone(), body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    let client = cluster.client();
+    let state = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: notified
+  namespace: default
+spec:
+  source:
+    objectStore:
+      url: s3://photos
+      endpoint: {S3}
+      region: us-east-1
+      mode: notifications
+      notifications:
+        nats:
+          url: nats://127.0.0.1:4222
+          subject: {subject}
+          jetstream: {{stream: {stream}, durable: spate-engine, ackWait: 30s}}
+  sinks:
+    deadLetter: {{nats: {{url: "nats://127.0.0.1:4222", subject: {dead_letters}}}}}
+  fanout: {{maxParallelism: 10, maxJobsPerSecond: 1000, burst: 100}}
+{template}"#,
+        template = job_template(0.2),
+    );
+    let engine = start_engine(&client, &yaml, state.path()).await;
+
+    let letter = tokio::time::timeout(Duration::from_secs(30), dead_letter_feed.next())
+        .await
+        .expect("a dead letter within 30 s")
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(record["outcome"], "deadLettered", "{record}");
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("not an S3 event notification"),
+        "{record}"
+    );
+    assert_eq!(record["event"]["data"], "not a notification", "{record}");
+
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::default_namespaced(client.clone());
+    let listed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let listed = jobs
+                .list(&kube::api::ListParams::default().labels("spate.dev/pipeline=notified"))
+                .await
+                .unwrap();
+            if !listed.items.is_empty() {
+                break listed;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("a Job within 30 s");
+    assert_eq!(
+        listed.items.len(),
+        1,
+        "one Job, for the readable notification"
+    );
+    engine.shutdown().await;
+    // Both messages were settled: the Job's acknowledged, the dead letter's terminated.
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .get_consumer("spate-engine")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    jetstream.delete_stream(&stream).await.unwrap();
+    cluster.shutdown().await;
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::cluster::{Kind, TestCluster};
 use common::{
     AMQP, Observer, await_jobs, connect_amqp, delete_queues, ids, messages_left, publish,
-    spawn_spate_run,
+    spawn_spate_run, take_records,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
@@ -174,6 +174,81 @@ async fn ttl_back_to_zero(kind: Kind) {
     cluster.shutdown().await;
 }
 
+/// Pods that never start (the node agent holds them in ContainerCreating for an hour): after
+/// `pendingTimeout` Spate ends each Job through `activeDeadlineSeconds`, the Job controller
+/// fails it and deletes its pod, every event is dead-lettered with the pod's reason, and the
+/// TTL takes the cluster back to zero.
+async fn pods_that_never_start_are_ended(kind: Kind) {
+    let events = 20;
+    let name = "never-start";
+    let cluster = TestCluster::start(kind, "real-cluster-never-start").await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("spate-rc-never-start-{kind:?}-{}", std::process::id());
+    let dead = format!("{queue}-dead");
+    let connection = connect_amqp().await;
+    delete_queues(&connection, &[&queue, &dead]).await;
+    publish(&connection, &queue, ids("n", 0, events)).await;
+    publish(&connection, &dead, std::iter::empty()).await;
+    let pipeline = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: {name}
+spec:
+  source:
+    amqp: {{url: "{AMQP}", queue: {queue}, prefetch: 100}}
+  fanout: {{maxParallelism: 50}}
+  retry: {{pendingTimeout: 2s}}
+  ttlSecondsAfterFinished: 1
+  sinks:
+    deadLetter:
+      amqp: {{url: "{AMQP}", routingKey: {dead}}}
+  jobTemplate:
+    spec:
+      template:
+        metadata:
+          annotations:
+            sim.spate.dev/start-seconds: "3600"
+        spec:
+          containers: [{{name: work, image: busybox}}]
+"#
+        ),
+    )
+    .unwrap();
+    let observer = Observer::start(&cluster.client(), name);
+    let mut spate = spawn_spate_run(&pipeline, cluster.kubeconfig(), &dir.path().join("state"));
+    let channel = connection.create_channel().await.unwrap();
+    let letters = take_records(&channel, &dead, events).await;
+    let mut dead_ids: Vec<String> = letters
+        .iter()
+        .map(|record| {
+            let reason = record["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.starts_with("pod Pending for more than 2s"),
+                "{kind:?}: {record}"
+            );
+            record["event"]["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    dead_ids.sort();
+    let mut expected: Vec<String> = ids("n", 0, events).collect();
+    expected.sort();
+    assert_eq!(
+        dead_ids, expected,
+        "{kind:?}: each event dead-lettered once"
+    );
+    observer.expect_back_to_zero().await;
+    spate.kill().unwrap();
+    spate.wait().unwrap();
+    observer.finish();
+    assert_eq!(messages_left(&connection, &queue).await, 0);
+    delete_queues(&connection, &[&queue, &dead]).await;
+    cluster.shutdown().await;
+}
+
 const TOO_LONG: &str = "metadata.annotations: Too long: must have at most 262144 bytes";
 
 fn config_map(name: &str, value_bytes: usize) -> ConfigMap {
@@ -305,4 +380,14 @@ async fn annotations_over_256_kib_on_sim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn annotations_over_256_kib_on_real() {
     annotations_over_256_kib(Kind::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pods_that_never_start_are_ended_on_sim() {
+    pods_that_never_start_are_ended(Kind::Sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pods_that_never_start_are_ended_on_real() {
+    pods_that_never_start_are_ended(Kind::Real).await;
 }

@@ -234,6 +234,7 @@ impl AmqpConsumer {
             };
             let handed_over = out
                 .send(Delivery {
+                    refusal: None,
                     event,
                     ack: Ack::new(settle),
                 })

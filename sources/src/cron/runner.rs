@@ -107,6 +107,7 @@ impl Emitter {
     /// Sends an event whose tick is already held (a retry).
     async fn resend(&self, tick: DateTime<Utc>, event: Event) -> bool {
         let delivery = Delivery {
+            refusal: None,
             ack: Ack::new(TickSettle {
                 tick,
                 event: event.clone(),

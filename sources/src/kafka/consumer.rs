@@ -570,6 +570,7 @@ fn hand_out(shared: &Arc<Shared>, out: &mpsc::Sender<Delivery>) -> HandOut {
             continue;
         }
         permit.send(Delivery {
+            refusal: None,
             event,
             ack: Ack::new(KafkaSettle {
                 shared: shared.clone(),

@@ -282,6 +282,7 @@ impl MqttConsumer {
                     publish,
                 };
                 Some(Delivery {
+                    refusal: None,
                     event,
                     ack: Ack::new(settle),
                 })

@@ -9,7 +9,9 @@
 //! the stream keeps the rest. A message is acked once its Job exists, nak'ed for `retry`
 //! (redelivered at once) and terminated for `reject` (never redelivered). A message not acked
 //! within `ackWait` (crash, stall, a lost ack) is redelivered with the same id, hence the
-//! same Job; so `ackWait` should exceed the time to create a Job under load.
+//! same Job; so `ackWait` should exceed the time to create a Job under load. A delivery past
+//! `maxDeliver` (counted by the server, enforced here) is handed to the engine refused: it is
+//! dead-lettered, then terminated, unless its Job exists.
 //!
 //! The client reconnects by itself after a server restart; around it the pull loop retries
 //! with jittered backoff and re-opens the consumer, so it survives restarts and a stream being
@@ -30,7 +32,7 @@ use tracing::{debug, error, info, warn};
 
 use super::message::{StreamPosition, to_event};
 use crate::backoff::Backoff;
-use crate::{Ack, Delivery, Event, Settle, Source, SourceError};
+use crate::{Ack, Delivery, Settle, Source, SourceError};
 
 /// Messages the client buffers per core subscription before dropping (NATS slow consumer):
 /// bounds memory when the engine stalls, at the cost of losing messages, which core NATS
@@ -153,7 +155,12 @@ impl NatsConsumer {
                                 continue;
                             }
                         };
-                        match hand_over(&out, &shutdown, event, Ack::none()).await {
+                        let delivery = Delivery {
+                            event,
+                            ack: Ack::none(),
+                            refusal: None,
+                        };
+                        match hand_over(&out, &shutdown, delivery).await {
                             Some(End::Shutdown) | Some(End::EngineGone) => return Ok(()),
                             None => {}
                         }
@@ -189,7 +196,13 @@ impl NatsConsumer {
                     info!(stream = %settings.stream, durable = %settings.durable,
                         "pulling from jetstream consumer");
                     match self
-                        .pull_from(&consumer, &out, &shutdown, &mut backoff)
+                        .pull_from(
+                            &consumer,
+                            settings.max_deliver,
+                            &out,
+                            &shutdown,
+                            &mut backoff,
+                        )
                         .await
                     {
                         Ok(End::Shutdown) | Ok(End::EngineGone) => return Ok(()),
@@ -224,8 +237,10 @@ impl NatsConsumer {
         }
     }
 
-    /// Gets the durable consumer, creating it on first use. An existing consumer is used as
-    /// it is: the server keeps its position, and its settings belong to whoever changed them.
+    /// Creates the durable consumer, or brings an existing one to the pipeline's settings
+    /// (the server keeps its position). The server redelivers without limit: `maxDeliver` is
+    /// counted here, so the delivery past it reaches the engine refused and is dead-lettered,
+    /// where a server-side limit would make the server stop delivering it, silently.
     async fn open(
         &self,
         context: &jetstream::Context,
@@ -242,23 +257,21 @@ impl NatsConsumer {
             durable_name: Some(settings.durable.clone()),
             ack_policy: AckPolicy::Explicit,
             ack_wait: settings.ack_wait,
-            max_deliver: settings.max_deliver,
+            max_deliver: -1,
             filter_subject: self.subject.clone(),
             ..pull::Config::default()
         };
-        stream
-            .get_or_create_consumer(&settings.durable, config)
-            .await
-            .map_err(|err| Open {
-                permanent: matches!(err.kind(), ConsumerErrorKind::JetStream(_)),
-                reason: err.to_string(),
-            })
+        stream.create_consumer(config).await.map_err(|err| Open {
+            permanent: matches!(err.kind(), ConsumerErrorKind::JetStream(_)),
+            reason: err.to_string(),
+        })
     }
 
     /// Pulls batches sized to the engine's free room until an error or the end.
     async fn pull_from(
         &self,
         consumer: &PullConsumer,
+        max_deliver: i64,
         out: &mpsc::Sender<Delivery>,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
@@ -289,11 +302,14 @@ impl NatsConsumer {
                 let Some(message) = message else { break };
                 let message = message.map_err(|err| err.to_string())?;
                 backoff.reset();
-                let position = match message.info() {
-                    Ok(info) => (info.stream.to_string(), info.stream_sequence),
+                let (position, delivered) = match message.info() {
+                    Ok(info) => (
+                        (info.stream.to_string(), info.stream_sequence),
+                        info.delivered,
+                    ),
                     Err(err) => {
                         // Without its metadata the message cannot be named or acked; the
-                        // server redelivers it up to maxDeliver times.
+                        // server redelivers it after ackWait.
                         error!(subject = %message.subject, error = %err, "jetstream message without metadata");
                         continue;
                     }
@@ -319,8 +335,19 @@ impl NatsConsumer {
                         continue;
                     }
                 };
+                let refusal = (max_deliver > 0 && delivered > max_deliver)
+                    .then(|| {
+                        format!(
+                            "delivered {delivered} times, more than maxDeliver ({max_deliver}), without its Job being created"
+                        )
+                    });
                 let ack = Ack::new(JetStreamSettle { acker, id });
-                if let Some(end) = hand_over(out, shutdown, event, ack).await {
+                let delivery = Delivery {
+                    event,
+                    ack,
+                    refusal,
+                };
+                if let Some(end) = hand_over(out, shutdown, delivery).await {
                     return Ok(end);
                 }
             }
@@ -337,12 +364,11 @@ struct Open {
 async fn hand_over(
     out: &mpsc::Sender<Delivery>,
     shutdown: &CancellationToken,
-    event: Event,
-    ack: Ack,
+    delivery: Delivery,
 ) -> Option<End> {
     tokio::select! {
         _ = shutdown.cancelled() => Some(End::Shutdown),
-        sent = out.send(Delivery { event, ack }) => sent.err().map(|_| End::EngineGone),
+        sent = out.send(delivery) => sent.err().map(|_| End::EngineGone),
     }
 }
 

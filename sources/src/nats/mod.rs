@@ -40,7 +40,8 @@ pub struct JetStreamConsumer {
     /// How long a message may stay unacknowledged before redelivery, e.g. `30s`.
     #[serde(default = "default_ack_wait")]
     pub ack_wait: String,
-    /// Deliveries before a message goes to the dead-letter sink.
+    /// Deliveries of a message without its Job being created; the next one goes to the
+    /// dead-letter sink with the reason. `-1`: no limit.
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
 }

@@ -12,8 +12,9 @@
 //! acked when all of them were acked or rejected, retried (redelivered by the broker) when any
 //! was retried or dropped unsettled. A redelivered message emits its events again with the
 //! same ids, so the ones already handled find their Jobs. A message with no created objects is
-//! acked at once; a document that cannot be read is rejected with the reason (the engine has
-//! dead-lettered it).
+//! acked at once. A document that cannot be read, and a message its transport already refused
+//! (delivered too often), go to the engine as they are, refused: the engine dead-letters the
+//! message with the reason, then rejects it at the transport.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,6 +208,28 @@ struct Mapper {
     presign_expiry: Option<Duration>,
 }
 
+/// Hands a message that can never become object events to the engine, which dead-letters
+/// it whole (the transport's own message, with `reason`) and then rejects it; `false` when
+/// the engine or the process is stopping.
+async fn refuse(
+    message: Event,
+    ack: Ack,
+    reason: String,
+    out: &mpsc::Sender<Delivery>,
+    shutdown: &CancellationToken,
+) -> bool {
+    tracing::warn!(message = %message.id(), %reason, "notification refused; it goes to the dead-letter sink");
+    let refused = Delivery {
+        event: message,
+        ack,
+        refusal: Some(reason),
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        sent = out.send(refused) => sent.is_ok(),
+    }
+}
+
 impl Mapper {
     /// Sends the message's events on; `false` when the engine or the process is stopping, an
     /// error when presigning fails (no credentials to sign with: retrying cannot help, and
@@ -217,15 +240,20 @@ impl Mapper {
         out: &mpsc::Sender<Delivery>,
         shutdown: &CancellationToken,
     ) -> Result<bool, SourceError> {
-        let Delivery { event, ack } = message;
+        let Delivery {
+            event,
+            ack,
+            refusal,
+        } = message;
+        if let Some(reason) = refusal {
+            return Ok(refuse(event, ack, reason, out, shutdown).await);
+        }
         let data = event.fields().get("data").unwrap_or(&Value::Null);
         let objects = match created_objects(data) {
             Ok(objects) => objects,
             Err(reason) => {
                 let reason = format!("not an S3 event notification: {reason}");
-                tracing::warn!(message = %event.id(), %reason, "rejecting notification");
-                settle_logged(ack.reject(reason).await);
-                return Ok(true);
+                return Ok(refuse(event, ack, reason, out, shutdown).await);
             }
         };
         let objects: Vec<ObjectVersion> = objects
@@ -239,17 +267,15 @@ impl Mapper {
             return Ok(true);
         }
         // Presigning goes through `object_store` paths, which cannot hold every S3 key
-        // (`a//b`): such an object can never get its URL, so the message is dead-lettered
-        // rather than stopping the source.
+        // (`a//b`): such an object can never get its URL, so the message is refused (the
+        // engine dead-letters it) rather than stopping the source.
         if self.presign_expiry.is_some()
             && let Some((key, error)) = objects
                 .iter()
                 .find_map(|o| Path::parse(&o.key).err().map(|e| (&o.key, e)))
         {
             let reason = format!("cannot presign `{key}`: {error}");
-            tracing::warn!(message = %event.id(), %reason, "rejecting notification");
-            settle_logged(ack.reject(reason).await);
-            return Ok(true);
+            return Ok(refuse(event, ack, reason, out, shutdown).await);
         }
         let mut events = Vec::with_capacity(objects.len());
         for object in &objects {
@@ -274,6 +300,7 @@ impl Mapper {
         let deliveries: Vec<Delivery> = events
             .into_iter()
             .map(|event| Delivery {
+                refusal: None,
                 event,
                 ack: Ack::new(RecordAck {
                     message: Some(message.clone()),

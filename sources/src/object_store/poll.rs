@@ -147,6 +147,7 @@ impl PollSource {
                 Err(error) => break Err(ListError::Fatal(error)),
             };
             let delivery = Delivery {
+                refusal: None,
                 event,
                 ack: Ack::new(ack),
             };

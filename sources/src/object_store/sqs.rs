@@ -135,14 +135,18 @@ impl Source for SqsSource {
                         receipt,
                     });
                     tokio::select! {
-                        // Unsettled messages reappear after the visibility timeout.
-                        _ = shutdown.cancelled() => return Ok(()),
-                        sent = out.send(Delivery { event, ack }) => {
-                            if sent.is_err() {
-                                return Ok(());
-                            }
-                        }
-                    }
+                                           // Unsettled messages reappear after the visibility timeout.
+                                           _ = shutdown.cancelled() => return Ok(()),
+                                           sent = out.send(Delivery {
+                    event,
+                    ack,
+                    refusal: None,
+                    }) => {
+                                               if sent.is_err() {
+                                                   return Ok(());
+                                               }
+                                           }
+                                       }
                 }
             }
         })

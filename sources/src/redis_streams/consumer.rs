@@ -443,7 +443,15 @@ impl StreamConsumer {
                 shared: shared.clone(),
                 entry_id: entry.id,
             });
-            if out.send(Delivery { event, ack }).await.is_err() {
+            if out
+                .send(Delivery {
+                    event,
+                    ack,
+                    refusal: None,
+                })
+                .await
+                .is_err()
+            {
                 return Ok(Some(End::EngineGone));
             }
         }

@@ -363,6 +363,7 @@ async fn accept(inner: &Inner, endpoint: &Endpoint, request: Request) -> Respons
         Answer::OnReceipt => (None, None),
     };
     let delivery = Delivery {
+        refusal: None,
         event,
         ack: Ack::new(Accepted {
             pipeline: endpoint.pipeline.clone(),

@@ -290,6 +290,53 @@ async fn retry_naks_and_reject_terminates_for_good() {
 }
 
 #[tokio::test]
+async fn a_message_delivered_more_than_max_deliver_times_reaches_the_engine_refused() {
+    let stream = TestStream::create("maxdeliver").await;
+    // The durable as an earlier Spate left it: the server itself stops at maxDeliver, and
+    // would never deliver the message again, nor tell anyone.
+    stream
+        .context
+        .get_stream(&stream.name)
+        .await
+        .unwrap()
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(format!("{}_spate", stream.name)),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_deliver: 2,
+            filter_subject: format!("{}.>", stream.subject),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stream.publish("jpg", "cannot get a Job").await;
+    let mut config = stream.source("1s");
+    config.jetstream.as_mut().unwrap().max_deliver = 2;
+    let mut source = Running::start(&config, 8).await;
+
+    for _ in 0..2 {
+        let delivery = source.next().await;
+        assert_eq!(delivery.refusal, None);
+        // Its Job could not be created: handed back.
+        delivery.ack.retry().await.unwrap();
+    }
+    let third = source.next().await;
+    let reason = third
+        .refusal
+        .clone()
+        .expect("the third delivery is refused");
+    assert!(
+        reason.contains("delivered 3 times, more than maxDeliver (2)"),
+        "{reason}"
+    );
+    // The engine dead-lettered it.
+    third.ack.reject(reason).await.unwrap();
+    source.nothing_for(Duration::from_millis(2500)).await;
+    source.stop().await;
+    assert_eq!(stream.ack_pending().await, 0);
+    stream.delete().await;
+}
+
+#[tokio::test]
 async fn a_full_engine_stops_the_pulls() {
     let stream = TestStream::create("backpressure").await;
     for i in 0..20 {

@@ -183,11 +183,40 @@ async fn each_created_object_of_a_notification_is_an_event_and_the_message_waits
     let task = tokio::spawn(source.run(tx, shutdown.clone()));
 
     // Two created `.jpg` objects of this bucket: removals, other buckets and other suffixes
-    // are not events. The unreadable messages are rejected, so they never come back.
+    // are not events. The three messages that cannot become events reach the engine whole,
+    // refused with the reason, for the dead-letter sink.
     let mut first: BTreeMap<String, Delivery> = BTreeMap::new();
-    for _ in 0..2 {
+    let mut refused = Vec::new();
+    for _ in 0..5 {
         let delivery = next(&mut rx).await;
-        first.insert(key_of(&delivery), delivery);
+        match &delivery.refusal {
+            Some(reason) => refused.push((reason.clone(), delivery)),
+            None => {
+                first.insert(key_of(&delivery), delivery);
+            }
+        }
+    }
+    let reasons: Vec<&str> = refused.iter().map(|(reason, _)| reason.as_str()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("not an S3 event notification"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        refused[0].1.event.fields()["data"],
+        json!("not a notification")
+    );
+    assert!(
+        reasons[1].starts_with("cannot presign `in/a//b.jpg`"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].starts_with("not an S3 event notification"),
+        "{reasons:?}"
+    );
+    // The engine dead-lettered them: rejected, they never come back.
+    for (reason, delivery) in refused {
+        delivery.ack.reject(reason).await.unwrap();
     }
     let keys: Vec<&str> = first.keys().map(String::as_str).collect();
     assert_eq!(keys, ["in/a b+.jpg", "in/café.jpg"]);

@@ -114,6 +114,9 @@ struct JobRun {
     ttl_ms: Option<u64>,
     /// `spec.suspend`: the controller starts no pods.
     suspended: bool,
+    /// `spec.activeDeadlineSeconds` was set. Spate sets it only on a Job running for longer
+    /// than `pendingTimeout`, to 1 s, so the model takes it as passed.
+    past_deadline: bool,
     /// The ConfigMap its pods mount, if any.
     input: Option<String>,
     succeeded: BTreeSet<u32>,
@@ -143,7 +146,10 @@ struct PodRun {
 #[derive(Debug, Clone)]
 pub struct Grave {
     pub name: String,
+    /// In index order.
     pub events: Vec<String>,
+    /// The indexes whose pod succeeded.
+    pub succeeded_indexes: BTreeSet<u32>,
     pub succeeded: Option<bool>,
     pub marked_reported: bool,
     pub deleted_by_ttl: bool,
@@ -335,6 +341,7 @@ impl Cluster {
             (Method::POST, "configmaps", None) => self.create_config_map(&body, now),
             (Method::POST, "events", None) => self.create_event(&body),
             (Method::GET, "jobs", Some(name)) => get(self.jobs.get(name), name),
+            (Method::GET, "pods", Some(name)) => get(self.pods.get(name), name),
             (Method::GET, "configmaps", Some(name)) => get(self.config_maps.get(name), name),
             (Method::PATCH, "jobs", Some(name)) => self.patch_job(name, &body, now),
             (Method::PATCH, "configmaps", Some(name)) => self.patch_config_map(name, &body, now),
@@ -607,6 +614,7 @@ impl Cluster {
             backoff_limit: count(spec.backoff_limit, 6),
             ttl_ms: ttl_ms(spec.ttl_seconds_after_finished),
             suspended: spec.suspend == Some(true),
+            past_deadline: spec.active_deadline_seconds.is_some(),
             input,
             succeeded: BTreeSet::new(),
             active: BTreeMap::new(),
@@ -623,6 +631,7 @@ impl Cluster {
             Grave {
                 name: name.clone(),
                 events: event_ids(&job),
+                succeeded_indexes: BTreeSet::new(),
                 succeeded: None,
                 marked_reported: false,
                 deleted_by_ttl: false,
@@ -707,22 +716,44 @@ impl Cluster {
         patched.metadata.name = job.metadata.name.clone();
         patched.metadata.uid = job.metadata.uid.clone();
         // Of the spec, only what the real API server lets change on a live Job and the
-        // engine changes: suspend, and the TTL.
-        let (suspend, ttl) = patched
+        // engine changes: suspend, the TTL, the deadline and the parallelism.
+        let (suspend, ttl, deadline, parallelism) = patched
             .spec
             .as_ref()
-            .map(|spec| (spec.suspend, spec.ttl_seconds_after_finished))
+            .map(|spec| {
+                (
+                    spec.suspend,
+                    spec.ttl_seconds_after_finished,
+                    spec.active_deadline_seconds,
+                    spec.parallelism,
+                )
+            })
             .unwrap_or_default();
         patched.spec = job.spec.clone();
         if let Some(spec) = patched.spec.as_mut() {
             spec.suspend = suspend;
             spec.ttl_seconds_after_finished = ttl;
+            spec.active_deadline_seconds = deadline;
+            spec.parallelism = parallelism;
         }
+        let mut changes = Vec::new();
         if let Some(run) = self.runs.get_mut(name) {
             run.suspended = suspend == Some(true);
             run.ttl_ms = ttl_ms(ttl);
+            if deadline.is_some() && !run.past_deadline {
+                run.past_deadline = true;
+                changes.push("given a deadline".to_string());
+            }
+            let parallelism = parallelism.and_then(|p| u32::try_from(p).ok()).unwrap_or(1);
+            if parallelism != run.parallelism {
+                changes.push(format!("parallelism {} -> {parallelism}", run.parallelism));
+                run.parallelism = parallelism;
+            }
         }
         patched.status = job.status.clone();
+        for change in changes {
+            self.note(now, format!("api: Job {name} {change}"));
+        }
         patched.metadata.resource_version = Some(self.next_rv());
         let uid = patched.metadata.uid.clone().unwrap_or_default();
         if is_reported(&patched) && self.marked.insert(uid.clone()) {
@@ -927,6 +958,7 @@ impl Cluster {
                 run.finished.is_none()
                     && !run.suspended
                     && (touched_jobs.contains(*name)
+                        || run.past_deadline
                         || (run.active.len() as u32)
                             < run
                                 .parallelism
@@ -959,8 +991,17 @@ impl Cluster {
                 run.failed += 1;
             }
         }
+        if let Some(grave) = self.graves.get_mut(&run.uid) {
+            grave.succeeded_indexes.clone_from(&run.succeeded);
+        }
         let mut condition = None;
-        if run.failed > run.backoff_limit {
+        if run.past_deadline && run.succeeded.len() < run.completions as usize {
+            condition = Some((
+                "Failed",
+                "DeadlineExceeded",
+                "Job was active longer than specified deadline",
+            ));
+        } else if run.failed > run.backoff_limit {
             condition = Some((
                 "Failed",
                 "BackoffLimitExceeded",

@@ -201,7 +201,15 @@ pub async fn run_source(shared: Arc<Shared>, incarnation: u32, out: mpsc::Sender
                     tag,
                     incarnation,
                 });
-                if out.send(Delivery { event, ack }).await.is_err() {
+                if out
+                    .send(Delivery {
+                        event,
+                        ack,
+                        refusal: None,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -263,6 +271,8 @@ pub struct Logged {
     pub reason: Option<String>,
     /// The Job was already marked reported when this arrived.
     pub after_mark: bool,
+    /// The event's pod in that Job had succeeded when this arrived.
+    pub ran_in_job: bool,
 }
 
 #[derive(Default)]
