@@ -6,7 +6,9 @@
 //! A Pipeline that fails validation gets a `Ready=False` condition with every problem, and
 //! nothing runs. One whose engine cannot start (a Secret not there yet, a sink's broker down
 //! for a moment) gets `Ready=False`, reason `StartFailed`, and is started again with backoff
-//! (1 s doubling to 5 min) until it runs or its spec changes. Status (counts, the source's lag, conditions, last error) is written through
+//! (1 s doubling to 5 min) until it runs or its spec changes. So does one whose source stops
+//! for good once running (the queue does not exist, the broker refuses the credentials),
+//! with reason `SourceFailed`. Status (counts, the source's lag, conditions, last error) is written through
 //! the status subresource at most once per `status_interval` per Pipeline, and only when it
 //! changed.
 
@@ -49,18 +51,26 @@ struct Managed {
     uid: Option<String>,
     generation: Option<i64>,
     paused: bool,
+    /// The Pipeline as last seen: what is started, and started again.
+    pipeline: Box<Pipeline>,
     engine: Option<Engine>,
     live: Option<RunningPipeline>,
     problems: Vec<String>,
-    /// Set while the engine failed to start: the Pipeline to start again, and when.
+    /// Set while the engine should run and does not: when to start it, and why it is not
+    /// running.
     retry: Option<StartRetry>,
+    /// Delays between starts of this spec. Kept across a start that worked, so a source
+    /// that stops at once every time (a queue that does not exist) is not restarted in a
+    /// tight loop; reset once an engine ran for [`START_RETRY_MAX`].
+    backoff: Backoff,
+    started: Option<Instant>,
     written: Option<PipelineStatus>,
 }
 
 struct StartRetry {
-    pipeline: Box<Pipeline>,
     at: Instant,
-    backoff: Backoff,
+    /// The condition's reason meanwhile: `StartFailed` or `SourceFailed`.
+    reason: &'static str,
 }
 
 /// Runs until `shutdown`: waits for leadership, manages Pipelines while leading, and stops
@@ -72,7 +82,7 @@ pub async fn run(client: kube::Client, options: ControllerOptions, shutdown: Can
         else {
             return;
         };
-        manage(&client, &options, leading.clone()).await;
+        manage(&client, &options, leading.clone(), &shutdown).await;
         leading.cancel();
         if shutdown.is_cancelled() {
             return;
@@ -81,7 +91,12 @@ pub async fn run(client: kube::Client, options: ControllerOptions, shutdown: Can
     }
 }
 
-async fn manage(client: &kube::Client, options: &ControllerOptions, leading: CancellationToken) {
+async fn manage(
+    client: &kube::Client,
+    options: &ControllerOptions,
+    leading: CancellationToken,
+    shutdown: &CancellationToken,
+) {
     let pipelines: Api<Pipeline> = match &options.namespace {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
@@ -99,6 +114,8 @@ async fn manage(client: &kube::Client, options: &ControllerOptions, leading: Can
                 for entry in managed.values_mut() {
                     if entry.retry.as_ref().is_some_and(|retry| retry.at <= Instant::now()) {
                         start(client, options, entry).await;
+                    } else {
+                        stop_if_source_failed(entry).await;
                     }
                 }
             }
@@ -119,10 +136,14 @@ async fn manage(client: &kube::Client, options: &ControllerOptions, leading: Can
             },
         }
     }
-    for (_, entry) in managed.drain() {
-        if let Some(engine) = entry.engine {
-            engine.shutdown().await;
-        }
+    // All at once: one after another, each draining, would keep the last ones running long
+    // after the Lease could pass to another replica. A shutdown drains (the Lease is still
+    // this replica's until it ends); a lost Lease stops at once.
+    let engines = managed.into_values().filter_map(|entry| entry.engine);
+    if shutdown.is_cancelled() {
+        futures::future::join_all(engines.map(Engine::shutdown)).await;
+    } else {
+        futures::future::join_all(engines.map(Engine::abort)).await;
     }
 }
 
@@ -170,17 +191,19 @@ async fn reconcile(
         uid: pipeline.metadata.uid.clone(),
         generation,
         paused,
+        pipeline: Box::new(pipeline),
         engine: None,
         live: None,
         problems: Vec::new(),
         retry: None,
+        backoff: Backoff::new(START_RETRY_MIN, START_RETRY_MAX),
+        started: None,
         written,
     };
     if !paused {
         entry.retry = Some(StartRetry {
-            pipeline: Box::new(pipeline),
             at: Instant::now(),
-            backoff: Backoff::new(START_RETRY_MIN, START_RETRY_MAX),
+            reason: "StartFailed",
         });
         start(client, options, &mut entry).await;
     }
@@ -193,7 +216,7 @@ async fn start(client: &kube::Client, options: &ControllerOptions, entry: &mut M
     let Some(retry) = entry.retry.as_mut() else {
         return;
     };
-    let loaded = match check_resource(&retry.pipeline) {
+    let loaded = match check_resource(&entry.pipeline) {
         Ok(loaded) => loaded,
         Err(problems) => {
             entry.problems = problems;
@@ -203,8 +226,8 @@ async fn start(client: &kube::Client, options: &ControllerOptions, entry: &mut M
     };
     let id = format!(
         "{}/{}",
-        pipeline_namespace(&retry.pipeline),
-        retry.pipeline.metadata.name.as_deref().unwrap_or_default()
+        pipeline_namespace(&entry.pipeline),
+        entry.pipeline.metadata.name.as_deref().unwrap_or_default()
     );
     match Engine::start(client.clone(), vec![loaded], options.engine.clone()).await {
         Ok(engine) => {
@@ -212,11 +235,13 @@ async fn start(client: &kube::Client, options: &ControllerOptions, entry: &mut M
             entry.engine = Some(engine);
             entry.problems.clear();
             entry.retry = None;
+            entry.started = Some(Instant::now());
             tracing::info!(pipeline = %id, "started");
         }
         Err(error) => {
-            let delay = retry.backoff.next_delay();
+            let delay = entry.backoff.next_delay();
             retry.at = Instant::now() + delay;
+            retry.reason = "StartFailed";
             tracing::warn!(pipeline = %id, error = %format!("{error:#}"), retry_in_s = delay.as_secs(), "cannot start; trying again");
             entry.problems = vec![format!(
                 "{error:#} (trying again in {}s)",
@@ -224,6 +249,43 @@ async fn start(client: &kube::Client, options: &ControllerOptions, entry: &mut M
             )];
         }
     }
+}
+
+/// A source that stopped for good leaves its pipeline taking nothing: stop the engine, say
+/// why in the status, and start it again with backoff (the queue may be created, the
+/// credentials fixed, without any change to the Pipeline).
+async fn stop_if_source_failed(entry: &mut Managed) {
+    if entry.engine.is_none() {
+        return;
+    }
+    let Some(failure) = entry
+        .live
+        .as_ref()
+        .and_then(|live| live.source_failure.get())
+        .cloned()
+    else {
+        return;
+    };
+    if let Some(engine) = entry.engine.take() {
+        engine.shutdown().await;
+    }
+    if entry
+        .started
+        .is_some_and(|started| started.elapsed() >= START_RETRY_MAX)
+    {
+        entry.backoff.reset();
+    }
+    let delay = entry.backoff.next_delay();
+    let name = entry.pipeline.metadata.name.as_deref().unwrap_or_default();
+    tracing::warn!(pipeline = %name, error = %failure, retry_in_s = delay.as_secs(), "source stopped; starting the pipeline again later");
+    entry.problems = vec![format!(
+        "the source stopped: {failure} (trying again in {}s)",
+        delay.as_secs().max(1)
+    )];
+    entry.retry = Some(StartRetry {
+        at: Instant::now() + delay,
+        reason: "SourceFailed",
+    });
 }
 
 async fn write_statuses(client: &kube::Client, managed: &mut HashMap<(String, String), Managed>) {
@@ -272,8 +334,8 @@ fn status_of(entry: &Managed) -> PipelineStatus {
             "Paused",
             format!("annotation {PAUSED_ANNOTATION} is \"true\""),
         )
-    } else if entry.retry.is_some() && !entry.problems.is_empty() {
-        ("False", "StartFailed", entry.problems.join("; "))
+    } else if let Some(retry) = entry.retry.as_ref().filter(|_| !entry.problems.is_empty()) {
+        ("False", retry.reason, entry.problems.join("; "))
     } else if !entry.problems.is_empty() {
         ("False", "Invalid", entry.problems.join("; "))
     } else {

@@ -1,6 +1,7 @@
 //! `spate run` as the in-cluster controller, on the simulator with real RabbitMQ: Pipelines
 //! created, paused, resumed, made invalid and deleted through the API; one that cannot start
-//! yet started once it can; two replicas with one leader and a fail-over.
+//! yet started once it can; one whose source stops for good said so and started again once
+//! it can; two replicas with one leader and a fail-over.
 
 use crate::common;
 
@@ -337,6 +338,58 @@ async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
     cluster.shutdown().await;
 }
 
+/// The engine starts (sources connect in the background), then the source finds its queue
+/// missing: the status says so, and the Pipeline runs once the queue exists, unedited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_whose_source_stops_for_good_says_so_and_runs_once_it_can() {
+    let OneReplica {
+        cluster,
+        state: _state,
+        stop,
+        running,
+    } = OneReplica::start().await;
+    let queue = format!("spate-controller-missing-queue-{}", std::process::id());
+    let connection = connect_amqp().await;
+    delete_queues(&connection, &[&queue]).await;
+
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
+    let created = pipelines
+        .create(&PostParams::default(), &pipeline("missing", &queue))
+        .await
+        .unwrap();
+    let uid = created.meta().uid.clone().unwrap();
+    eventually("SourceFailed naming the queue", 30, || async {
+        let status = status_of(&pipelines, "missing").await;
+        status
+            .conditions
+            .first()
+            .filter(|c| {
+                c.status == "False" && c.reason == "SourceFailed" && c.message.contains(&queue)
+            })
+            .map(|_| ())
+            .ok_or(format!("{status:?}"))
+    })
+    .await;
+
+    // The queue is created and filled: the Pipeline takes its events without an edit.
+    publish(&connection, &queue, ids("q", 0, 10)).await;
+    let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
+    one_job_per_event(&jobs, &uid, 10, "10 Jobs once the queue exists").await;
+    eventually("Running", 30, || async {
+        let status = status_of(&pipelines, "missing").await;
+        (status.conditions.first().map(|c| c.reason.as_str()) == Some("Running")
+            && status.last_error.is_none())
+        .then_some(())
+        .ok_or(format!("{status:?}"))
+    })
+    .await;
+
+    stop.cancel();
+    running.await.unwrap();
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_run_each_pipeline_once_and_fail_over() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -399,5 +452,76 @@ async fn two_replicas_run_each_pipeline_once_and_fail_over() {
     stop_b.cancel();
     replica_b.await.unwrap();
     delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}
+
+/// A holder whose clock is an hour behind writes `renewTime`s an hour old while it renews
+/// every half second: the Lease is alive, and a candidate must not take it. Once the holder
+/// stops renewing, the candidate takes it after the Lease's duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_renewed_by_a_holder_with_a_slow_clock_is_not_taken() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), "default");
+    let an_hour_ago = || MicroTime(jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1));
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "spate-controller"},
+        "spec": {"holderIdentity": "slow-clock", "leaseDurationSeconds": 3,
+                 "renewTime": an_hour_ago(), "acquireTime": an_hour_ago()}
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    let holder_stops = CancellationToken::new();
+    let holder = tokio::spawn({
+        let (leases, stops) = (leases.clone(), holder_stops.clone());
+        async move {
+            while !stops.is_cancelled() {
+                let mut lease = leases.get("spate-controller").await.unwrap();
+                lease.spec.as_mut().unwrap().renew_time = Some(an_hour_ago());
+                leases
+                    .replace("spate-controller", &PostParams::default(), &lease)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+
+    let state = tempfile::tempdir().unwrap();
+    let candidate = options("replica-b", state.path()).lease;
+    let shutdown = CancellationToken::new();
+    let acquiring = tokio::spawn(spate::engine::leader::acquire(
+        cluster.client(),
+        candidate,
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        !acquiring.is_finished(),
+        "the candidate took a Lease that was being renewed"
+    );
+
+    holder_stops.cancel();
+    holder.await.unwrap();
+    let stopped = tokio::time::Instant::now();
+    let leading = tokio::time::timeout(Duration::from_secs(15), acquiring)
+        .await
+        .expect("the candidate takes the Lease once nobody renews it")
+        .unwrap()
+        .expect("leading");
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(2),
+        "taken {:?} after the last renewal, before the Lease's 3 s",
+        stopped.elapsed()
+    );
+    let taken = leases.get("spate-controller").await.unwrap();
+    assert_eq!(
+        taken.spec.unwrap().holder_identity.as_deref(),
+        Some("replica-b")
+    );
+    leading.cancel();
+    shutdown.cancel();
     cluster.shutdown().await;
 }
