@@ -288,6 +288,9 @@ pub enum PipelineState {
     Ready,
     Paused,
     Invalid,
+    /// Valid, but not running: its engine could not start, or its source stopped for good
+    /// (reasons `StartFailed`, `SourceFailed`); the controller keeps trying.
+    Failing,
     /// No `Ready` condition yet (no controller has picked it up).
     Unknown,
 }
@@ -298,6 +301,7 @@ impl PipelineState {
             PipelineState::Ready => "ready",
             PipelineState::Paused => "paused",
             PipelineState::Invalid => "invalid",
+            PipelineState::Failing => "failing",
             PipelineState::Unknown => "unknown",
         }
     }
@@ -331,6 +335,9 @@ impl PipelineInfo {
             Some((ready, _)) if ready == "True" => PipelineState::Ready,
             Some((_, reason)) if reason == "Invalid" => PipelineState::Invalid,
             Some((_, reason)) if reason == "Paused" => PipelineState::Paused,
+            Some((_, reason)) if reason == "StartFailed" || reason == "SourceFailed" => {
+                PipelineState::Failing
+            }
             _ if paused_annotation => PipelineState::Paused,
             _ => PipelineState::Unknown,
         };
@@ -1186,6 +1193,14 @@ mod tests {
             true,
         );
         assert_eq!(paused.state, PipelineState::Paused);
+        let failing = PipelineInfo::from_parts(
+            Some(
+                &json!({"conditions": [{"type": "Ready", "status": "False", "reason": "SourceFailed",
+                "message": "queue q: NOT_FOUND", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}),
+            ),
+            false,
+        );
+        assert_eq!(failing.state, PipelineState::Failing);
         assert_eq!(
             PipelineInfo::from_parts(None, true).state,
             PipelineState::Paused

@@ -480,6 +480,7 @@ fn draw_header(
                 super::model::PipelineState::Ready => Color::Green,
                 super::model::PipelineState::Paused => Color::Yellow,
                 super::model::PipelineState::Invalid => Color::Red,
+                super::model::PipelineState::Failing => Color::Red,
                 super::model::PipelineState::Unknown => Color::Gray,
             };
             events.extend(number("pipeline", info.state.as_str(), color));
