@@ -57,9 +57,11 @@ What the controller does in the namespaces it watches, and nothing more (each li
 in orchestrator/src or sinks/src; orchestrator/tests/it/least_privilege.rs proves the set):
 - pipelines list/watch: the controller's watch (engine/controller.rs);
 - pipelines/status patch: status writes (engine/controller.rs);
-- jobs create, get (after 409 AlreadyExists), list/watch (the tracker), patch (the
-  `spate.dev/reported` mark), delete (Jobs whose pod stays Pending, engine/stuck.rs);
-- pods list/watch: Pending pods (engine/stuck.rs);
+- jobs create, get (after 409 AlreadyExists, and before giving up on a Pending pod), list/watch
+  (the tracker), patch (release after the input, the `spate.dev/reported` mark, the widened
+  parallelism, the deadline of a Job whose pod never starts), delete (Jobs a crash or a
+  refused input left incomplete, engine/intake.rs and engine/emit.rs);
+- pods list/watch: Pending pods, get: re-read before giving up on one (engine/stuck.rs);
 - configmaps create (the input of large events and indexed batches, engine/emit.rs), get (read
   back when reporting, engine/tracker.rs);
 - events create: the default dead-letter sink (sinks/src/kubernetes_event.rs);
@@ -77,7 +79,7 @@ in orchestrator/src or sinks/src; orchestrator/tests/it/least_privilege.rs prove
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "get"]

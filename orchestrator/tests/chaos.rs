@@ -690,7 +690,7 @@ spec:
         poll: Duration,
         takeover: Takeover,
     ) -> (Vec<KillOnDrop>, Option<String>) {
-        common::install_crd(&self.cluster).await;
+        common::install_crd(&self.cluster.client()).await;
         let [first, second] = ["chaos-a", "chaos-b"].map(|identity| {
             let replica = self.spawn(
                 identity,

@@ -523,19 +523,25 @@ where
     }
 }
 
-/// Creates the Pipeline CRD on `cluster` and waits until it is served (discovery lags the
+/// Creates the Pipeline CRD (unless it is there) and waits until it is served (discovery lags the
 /// creation).
-pub async fn install_crd(cluster: &spate_sim::SimCluster) {
+pub async fn install_crd(client: &kube::Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::CustomResourceExt;
     use spate::pipeline::Pipeline;
 
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
-    crds.create(&kube::api::PostParams::default(), &Pipeline::crd())
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds
+        .create(&kube::api::PostParams::default(), &Pipeline::crd())
         .await
-        .unwrap();
-    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), "default");
-    for _ in 0..100 {
+    {
+        Ok(_) => {}
+        // Installed by another test on the shared real control plane.
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => panic!("cannot install the Pipeline CRD: {error}"),
+    }
+    let pipelines: Api<Pipeline> = Api::default_namespaced(client.clone());
+    for _ in 0..200 {
         if pipelines.list(&ListParams::default()).await.is_ok() {
             return;
         }
@@ -599,4 +605,48 @@ pub async fn take_records(
         }
     }
     records
+}
+
+/// A controller replica's options for tests: Pipelines and its Lease in `namespace`, a short
+/// Lease (3 s, renewed every 500 ms) and status written every 300 ms.
+pub fn controller_options(
+    identity: &str,
+    namespace: &str,
+    state: &std::path::Path,
+) -> spate::engine::controller::ControllerOptions {
+    spate::engine::controller::ControllerOptions {
+        namespace: Some(namespace.to_string()),
+        engine: EngineOptions {
+            state_dir: state.to_path_buf(),
+            checkpoints: Arc::new(FileCheckpoints::new(state)),
+            namespace_budget: None,
+            webhooks: None,
+            drain_timeout: Duration::from_secs(5),
+        },
+        lease: spate::engine::leader::LeaseConfig {
+            namespace: namespace.to_string(),
+            name: "spate-controller".to_string(),
+            identity: identity.to_string(),
+            duration: Duration::from_secs(3),
+            renew: Duration::from_millis(500),
+        },
+        status_interval: Duration::from_millis(300),
+    }
+}
+
+/// Polls `check` every 100 ms until it passes; fails with its last answer after `seconds`.
+pub async fn eventually<F, Fut>(what: &str, seconds: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let last = match check().await {
+            Ok(()) => return,
+            Err(last) => last,
+        };
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Event as KubeEvent;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use spate::pipeline::Pipeline;
 use spate_sim::{SimCluster, SimConfig};
@@ -77,18 +75,7 @@ impl Env {
     }
 
     async fn install_crd(&self) {
-        let crds: Api<CustomResourceDefinition> = Api::all(self.cluster.client());
-        crds.create(&PostParams::default(), &Pipeline::crd())
-            .await
-            .unwrap();
-        let pipelines: Api<Pipeline> = Api::namespaced(self.cluster.client(), "default");
-        for _ in 0..100 {
-            if pipelines.list(&ListParams::default()).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the Pipeline CRD is not served");
+        crate::common::install_crd(&self.cluster.client()).await;
     }
 
     fn file(&self, name: &str, text: &str) -> PathBuf {

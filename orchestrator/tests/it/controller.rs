@@ -6,19 +6,17 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AMQP, connect_amqp, delete_queues, ids, install_crd, publish};
+use common::{
+    AMQP, connect_amqp, controller_options, delete_queues, eventually, ids, install_crd, publish,
+};
 use k8s_openapi::api::batch::v1::Job;
 use kube::Resource;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use spate::engine::EngineOptions;
 use spate::engine::controller::{self, ControllerOptions};
-use spate::engine::leader::LeaseConfig;
 use spate::pipeline::{Pipeline, PipelineStatus};
 use spate_sim::{SimCluster, SimConfig};
-use spate_sources::checkpoint::FileCheckpoints;
 use tokio_util::sync::CancellationToken;
 
 fn pipeline(name: &str, queue: &str) -> Pipeline {
@@ -47,40 +45,7 @@ spec:
 }
 
 fn options(identity: &str, state: &std::path::Path) -> ControllerOptions {
-    ControllerOptions {
-        namespace: Some("default".to_string()),
-        engine: EngineOptions {
-            state_dir: state.to_path_buf(),
-            checkpoints: Arc::new(FileCheckpoints::new(state)),
-            namespace_budget: None,
-            webhooks: None,
-            drain_timeout: Duration::from_secs(5),
-        },
-        lease: LeaseConfig {
-            namespace: "default".to_string(),
-            name: "spate-controller".to_string(),
-            identity: identity.to_string(),
-            duration: Duration::from_secs(3),
-            renew: Duration::from_millis(500),
-        },
-        status_interval: Duration::from_millis(300),
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, seconds: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    loop {
-        let last = match check().await {
-            Ok(()) => return,
-            Err(last) => last,
-        };
-        assert!(tokio::time::Instant::now() < deadline, "{what}: {last}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    controller_options(identity, "default", state)
 }
 
 /// The simulator with the CRD installed, and one controller replica running on it.
@@ -95,7 +60,7 @@ impl OneReplica {
     async fn start() -> OneReplica {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
-        install_crd(&cluster).await;
+        install_crd(&cluster.client()).await;
         let state = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
         let running = tokio::spawn(controller::run(
@@ -394,7 +359,7 @@ async fn a_pipeline_whose_source_stops_for_good_says_so_and_runs_once_it_can() {
 async fn two_replicas_run_each_pipeline_once_and_fail_over() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
-    install_crd(&cluster).await;
+    install_crd(&cluster.client()).await;
     let state_a = tempfile::tempdir().unwrap();
     let state_b = tempfile::tempdir().unwrap();
     let stop_a = CancellationToken::new();

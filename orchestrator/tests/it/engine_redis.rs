@@ -225,7 +225,7 @@ async fn the_pipeline_status_shows_the_streams_lag_until_the_burst_is_taken() {
     const ENTRIES: usize = 100;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
-    install_crd(&cluster).await;
+    install_crd(&cluster.client()).await;
     let state = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let running = tokio::spawn(controller::run(

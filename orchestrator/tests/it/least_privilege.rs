@@ -7,7 +7,7 @@
 //! webhook source whose token is a `secretKeyRef` (Secret read), events becoming Jobs that
 //! succeed and are marked reported, an event too large for env (input ConfigMap), an event
 //! dead-lettered by its template (a Kubernetes Event), a pod stuck Pending past
-//! `pendingTimeout` (Job read, dead-lettered and deleted), an indexed cron pipeline (batch
+//! `pendingTimeout` (the pod read again, its Job ended by a patch, then reported), an indexed cron pipeline (batch
 //! ConfigMaps, checkpoints in ConfigMaps), pause and resume, and /metrics.
 //!
 //! Then the chart is rendered with the real Helm library and the test fails if the controller
@@ -352,6 +352,16 @@ fn deployment_command(documents: &[Value], state: &Path, metrics: u16, webhooks:
     command
 }
 
+/// Grants the scenario cannot reach in its time, each with the code that needs it: every other
+/// grant must be used. (group, resource, verb, why)
+const NOT_REACHED: &[(&str, &str, &str, &str)] = &[(
+    "batch",
+    "jobs",
+    "delete",
+    "incomplete Jobs a crash left are deleted two minutes after start-up (engine/intake.rs \
+     repair), and one whose input the API refused at once (engine/emit.rs delete_incomplete)",
+)];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_chart_grants_exactly_what_the_controller_uses() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -564,20 +574,26 @@ async fn the_chart_grants_exactly_what_the_controller_uses() {
         },
     )
     .await;
-    eventually("the stuck Job deleted", 20, &log, || async {
+    eventually("the stuck Job ended and reported", 20, &log, || async {
         let list = jobs
             .list(&ListParams::default().labels("spate.dev/pipeline=hooks"))
             .await
             .map_err(|e| e.to_string())?;
-        let left: Vec<String> = list
+        let running: Vec<String> = list
             .items
             .iter()
-            .filter(|job| event_ids(job) == ["stuck"] && job.metadata.deletion_timestamp.is_none())
+            .filter(|job| event_ids(job) == ["stuck"])
+            .filter(|job| {
+                let annotations = job.metadata.annotations.clone().unwrap_or_default();
+                !(annotations.contains_key("spate.dev/gave-up")
+                    && annotations.contains_key("spate.dev/reported"))
+            })
             .map(|job| job.name_any())
             .collect();
-        left.is_empty()
+        running
+            .is_empty()
             .then_some(())
-            .ok_or(format!("still there: {left:?}"))
+            .ok_or(format!("not ended and reported: {running:?}"))
     })
     .await;
 
@@ -734,6 +750,12 @@ async fn the_chart_grants_exactly_what_the_controller_uses() {
     }
     for grant in &grants {
         for (group, resource, verb) in grant.triples() {
+            if NOT_REACHED
+                .iter()
+                .any(|(g, r, v, _)| *g == group && *r == resource && *v == verb)
+            {
+                continue;
+            }
             let was_used = used.iter().any(|(namespace, v, g, r)| {
                 *v == verb
                     && *g == group

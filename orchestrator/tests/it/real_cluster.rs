@@ -16,7 +16,7 @@ use common::{
     spawn_spate_run, take_records,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 
 fn write_pipeline(
     dir: &Path,
@@ -249,6 +249,141 @@ spec:
     cluster.shutdown().await;
 }
 
+/// A Pipeline resource run by the controller (in this process, holding its Lease in the
+/// test's namespace): one Job per event, its status written through the status subresource,
+/// paused (no more Jobs, the events wait in the queue) and resumed.
+async fn pipeline_resource_paused_and_resumed(kind: Kind) {
+    use spate::engine::controller::{self, PAUSED_ANNOTATION};
+    use spate::pipeline::Pipeline;
+    let name = "resource";
+    let cluster = TestCluster::start(kind, "real-cluster-controller").await;
+    common::install_crd(&cluster.client()).await;
+    let namespace = cluster.namespace().to_string();
+    let queue = format!("spate-rc-controller-{kind:?}-{}", std::process::id());
+    let connection = connect_amqp().await;
+    delete_queues(&connection, &[&queue]).await;
+    publish(&connection, &queue, ids("c", 0, 30)).await;
+    let state = tempfile::tempdir().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(controller::run(
+        cluster.client(),
+        common::controller_options("replica-a", &namespace, state.path()),
+        stop.clone(),
+    ));
+    let yaml = format!(
+        r#"apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  source:
+    amqp: {{url: "{AMQP}", queue: {queue}, prefetch: 50}}
+  fanout: {{maxParallelism: 50, maxJobsPerSecond: 500, burst: 100}}
+  ttlSecondsAfterFinished: 600
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers: [{{name: work, image: busybox}}]
+"#
+    );
+    let resource = spate::pipeline::load_str(&yaml, "p.yaml")
+        .unwrap()
+        .remove(0)
+        .pipeline;
+    let pipelines: Api<Pipeline> = Api::namespaced(cluster.client(), &namespace);
+    pipelines
+        .create(&PostParams::default(), &resource)
+        .await
+        .unwrap_or_else(|e| panic!("{kind:?}: cannot create the Pipeline: {e}"));
+    let jobs = cluster.jobs();
+    let selector = format!("spate.dev/pipeline={name}");
+    let no_check = || async { Ok(()) };
+    await_jobs(&jobs, &selector, 30, Duration::from_millis(200), no_check).await;
+    let condition_of = |status: &spate::pipeline::PipelineStatus| {
+        status
+            .conditions
+            .first()
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    common::eventually("the status counts 30 events, Ready", 30, || async {
+        let status = pipelines
+            .get_status(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        (status.received == 30 && condition_of(&status) == Some(("True".into(), "Running".into())))
+            .then_some(())
+            .ok_or(format!("{kind:?}: {status:?}"))
+    })
+    .await;
+
+    let pause = |value: serde_json::Value| serde_json::json!({"metadata": {"annotations": {PAUSED_ANNOTATION: value}}});
+    pipelines
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(pause("true".into())),
+        )
+        .await
+        .unwrap();
+    common::eventually("Paused", 30, || async {
+        let status = pipelines
+            .get_status(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        (condition_of(&status) == Some(("False".into(), "Paused".into())))
+            .then_some(())
+            .ok_or(format!("{kind:?}: {status:?}"))
+    })
+    .await;
+    publish(&connection, &queue, ids("d", 0, 10)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let while_paused = common::list_jobs_per_event(&jobs, &selector).await;
+    assert_eq!(while_paused.len(), 30, "{kind:?}: Jobs made while paused");
+    assert_eq!(messages_left(&connection, &queue).await, 10, "{kind:?}");
+
+    pipelines
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(pause(serde_json::Value::Null)),
+        )
+        .await
+        .unwrap();
+    let owners = await_jobs(&jobs, &selector, 40, Duration::from_millis(200), || async {
+        match messages_left(&connection, &queue).await {
+            0 => Ok(()),
+            left => Err(format!("{left} still in the queue")),
+        }
+    })
+    .await;
+    assert!(
+        owners.values().all(|count| *count == 1),
+        "{kind:?}: an event in two Jobs: {owners:?}"
+    );
+    common::eventually("Ready again", 30, || async {
+        let status = pipelines
+            .get_status(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        (condition_of(&status) == Some(("True".into(), "Running".into())))
+            .then_some(())
+            .ok_or(format!("{kind:?}: {status:?}"))
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap();
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}
+
 const TOO_LONG: &str = "metadata.annotations: Too long: must have at most 262144 bytes";
 
 fn config_map(name: &str, value_bytes: usize) -> ConfigMap {
@@ -390,4 +525,14 @@ async fn pods_that_never_start_are_ended_on_sim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pods_that_never_start_are_ended_on_real() {
     pods_that_never_start_are_ended(Kind::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipeline_resource_paused_and_resumed_on_sim() {
+    pipeline_resource_paused_and_resumed(Kind::Sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipeline_resource_paused_and_resumed_on_real() {
+    pipeline_resource_paused_and_resumed(Kind::Real).await;
 }

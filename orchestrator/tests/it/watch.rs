@@ -12,8 +12,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use spate::pipeline::Pipeline;
@@ -103,24 +101,9 @@ async fn burst(
     }
 }
 
-async fn install_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &Pipeline::crd())
-        .await
-        .unwrap();
-    let pipelines: Api<Pipeline> = Api::namespaced(client.clone(), "default");
-    for _ in 0..100 {
-        if pipelines.list(&ListParams::default()).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the Pipeline CRD is not served");
-}
-
 /// A Pipeline resource (no controller runs it) with `status` written as a controller would.
 async fn pipeline_with_status(client: &kube::Client, name: &str, status: Value) {
-    install_crd(client).await;
+    crate::common::install_crd(client).await;
     let yaml = format!(
         r#"apiVersion: spate.dev/v1alpha1
 kind: Pipeline
