@@ -650,3 +650,31 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits (up to 30 s) until the status of the Pipeline `name` passes `check`; fails with the
+/// last status seen.
+pub async fn await_status(
+    pipelines: &Api<spate::pipeline::Pipeline>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&spate::pipeline::PipelineStatus) -> bool,
+) {
+    eventually(what, 30, || async {
+        let status = pipelines
+            .get_status(name)
+            .await
+            .map_err(|error| error.to_string())?
+            .status
+            .unwrap_or_default();
+        check(&status).then_some(()).ok_or(format!("{status:?}"))
+    })
+    .await;
+}
+
+/// The reason of the Pipeline's `Ready` condition, when it has one.
+pub fn ready_reason(status: &spate::pipeline::PipelineStatus) -> Option<&str> {
+    status
+        .conditions
+        .first()
+        .map(|condition| condition.reason.as_str())
+}

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{
-    AMQP, connect_amqp, controller_options, delete_queues, eventually, ids, install_crd, publish,
+    AMQP, await_status, connect_amqp, controller_options, delete_queues, eventually, ids,
+    install_crd, publish, ready_reason,
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::Resource;
@@ -263,15 +264,17 @@ async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
         .await
         .unwrap();
     let uid = created.meta().uid.clone().unwrap();
-    eventually("StartFailed naming the Secret", 30, || async {
-        let status = status_of(&pipelines, "late").await;
-        status
-            .conditions
-            .first()
-            .filter(|c| c.reason == "StartFailed" && c.message.contains("broker"))
-            .map(|_| ())
-            .ok_or(format!("{status:?}"))
-    })
+    await_status(
+        &pipelines,
+        "late",
+        "StartFailed naming the Secret",
+        |status| {
+            status
+                .conditions
+                .first()
+                .is_some_and(|c| c.reason == "StartFailed" && c.message.contains("broker"))
+        },
+    )
     .await;
 
     // The Secret arrives: without any change to the Pipeline, it starts and takes its events.
@@ -288,12 +291,8 @@ async fn a_pipeline_that_cannot_start_yet_starts_once_it_can() {
         .unwrap();
     let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
     one_job_per_event(&jobs, &uid, 10, "10 Jobs once the Secret exists").await;
-    eventually("Running", 30, || async {
-        let status = status_of(&pipelines, "late").await;
-        (status.conditions.first().map(|c| c.reason.as_str()) == Some("Running")
-            && status.last_error.is_none())
-        .then_some(())
-        .ok_or(format!("{status:?}"))
+    await_status(&pipelines, "late", "Running", |status| {
+        ready_reason(status) == Some("Running") && status.last_error.is_none()
     })
     .await;
 
@@ -323,29 +322,24 @@ async fn a_pipeline_whose_source_stops_for_good_says_so_and_runs_once_it_can() {
         .await
         .unwrap();
     let uid = created.meta().uid.clone().unwrap();
-    eventually("SourceFailed naming the queue", 30, || async {
-        let status = status_of(&pipelines, "missing").await;
-        status
-            .conditions
-            .first()
-            .filter(|c| {
+    await_status(
+        &pipelines,
+        "missing",
+        "SourceFailed naming the queue",
+        |status| {
+            status.conditions.first().is_some_and(|c| {
                 c.status == "False" && c.reason == "SourceFailed" && c.message.contains(&queue)
             })
-            .map(|_| ())
-            .ok_or(format!("{status:?}"))
-    })
+        },
+    )
     .await;
 
     // The queue is created and filled: the Pipeline takes its events without an edit.
     publish(&connection, &queue, ids("q", 0, 10)).await;
     let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
     one_job_per_event(&jobs, &uid, 10, "10 Jobs once the queue exists").await;
-    eventually("Running", 30, || async {
-        let status = status_of(&pipelines, "missing").await;
-        (status.conditions.first().map(|c| c.reason.as_str()) == Some("Running")
-            && status.last_error.is_none())
-        .then_some(())
-        .ok_or(format!("{status:?}"))
+    await_status(&pipelines, "missing", "Running", |status| {
+        ready_reason(status) == Some("Running") && status.last_error.is_none()
     })
     .await;
 

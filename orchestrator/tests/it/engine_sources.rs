@@ -203,8 +203,15 @@ spec:
     let census = observer.finish();
     assert!(census.peak > 0 && census.peak <= 40, "peak {}", census.peak);
     // Every message was acknowledged: the durable consumer has nothing pending.
+    assert_all_settled(&jetstream, &stream).await;
+    jetstream.delete_stream(&stream).await.unwrap();
+    cluster.shutdown().await;
+}
+
+/// The durable consumer `spate-engine` of `stream` holds nothing unsettled nor undelivered.
+async fn assert_all_settled(jetstream: &async_nats::jetstream::Context, stream: &str) {
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream
-        .get_stream(&stream)
+        .get_stream(stream)
         .await
         .unwrap()
         .get_consumer("spate-engine")
@@ -212,8 +219,6 @@ spec:
         .unwrap();
     let info = consumer.info().await.unwrap();
     assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
-    jetstream.delete_stream(&stream).await.unwrap();
-    cluster.shutdown().await;
 }
 
 /// Also: a pipeline whose source fails for good stops alone, not the process.
@@ -450,15 +455,7 @@ spec:
     );
     engine.shutdown().await;
     // Both messages were settled: the Job's acknowledged, the dead letter's terminated.
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream
-        .get_stream(&stream)
-        .await
-        .unwrap()
-        .get_consumer("spate-engine")
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
-    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    assert_all_settled(&jetstream, &stream).await;
     jetstream.delete_stream(&stream).await.unwrap();
     cluster.shutdown().await;
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::cluster::{Kind, TestCluster};
 use common::{
-    AMQP, Observer, await_jobs, connect_amqp, delete_queues, ids, messages_left, publish,
-    spawn_spate_run, take_records,
+    AMQP, Observer, await_jobs, await_status, connect_amqp, delete_queues, ids, messages_left,
+    publish, ready_reason, spawn_spate_run, take_records,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -301,23 +301,12 @@ spec:
     let selector = format!("spate.dev/pipeline={name}");
     let no_check = || async { Ok(()) };
     await_jobs(&jobs, &selector, 30, Duration::from_millis(200), no_check).await;
-    let condition_of = |status: &spate::pipeline::PipelineStatus| {
-        status
-            .conditions
-            .first()
-            .map(|c| (c.status.clone(), c.reason.clone()))
-    };
-    common::eventually("the status counts 30 events, Ready", 30, || async {
-        let status = pipelines
-            .get_status(name)
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        (status.received == 30 && condition_of(&status) == Some(("True".into(), "Running".into())))
-            .then_some(())
-            .ok_or(format!("{kind:?}: {status:?}"))
-    })
+    await_status(
+        &pipelines,
+        name,
+        "the status counts 30 events, Running",
+        |status| status.received == 30 && ready_reason(status) == Some("Running"),
+    )
     .await;
 
     let pause = |value: serde_json::Value| serde_json::json!({"metadata": {"annotations": {PAUSED_ANNOTATION: value}}});
@@ -329,16 +318,8 @@ spec:
         )
         .await
         .unwrap();
-    common::eventually("Paused", 30, || async {
-        let status = pipelines
-            .get_status(name)
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        (condition_of(&status) == Some(("False".into(), "Paused".into())))
-            .then_some(())
-            .ok_or(format!("{kind:?}: {status:?}"))
+    await_status(&pipelines, name, "Paused", |status| {
+        ready_reason(status) == Some("Paused")
     })
     .await;
     publish(&connection, &queue, ids("d", 0, 10)).await;
@@ -366,16 +347,8 @@ spec:
         owners.values().all(|count| *count == 1),
         "{kind:?}: an event in two Jobs: {owners:?}"
     );
-    common::eventually("Ready again", 30, || async {
-        let status = pipelines
-            .get_status(name)
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        (condition_of(&status) == Some(("True".into(), "Running".into())))
-            .then_some(())
-            .ok_or(format!("{kind:?}: {status:?}"))
+    await_status(&pipelines, name, "Running again", |status| {
+        ready_reason(status) == Some("Running")
     })
     .await;
     stop.cancel();
