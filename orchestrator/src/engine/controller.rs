@@ -8,9 +8,9 @@
 //! for a moment) gets `Ready=False`, reason `StartFailed`, and is started again with backoff
 //! (1 s doubling to 5 min) until it runs or its spec changes. So does one whose source stops
 //! for good once running (the queue does not exist, the broker refuses the credentials),
-//! with reason `SourceFailed`. Status (counts, the source's lag, conditions, last error) is written through
-//! the status subresource at most once per `status_interval` per Pipeline, and only when it
-//! changed.
+//! with reason `SourceFailed`. Status (counts, the source's lag, conditions, last error) is
+//! written through the status subresource at most once per `status_interval` per Pipeline,
+//! and only when it changed.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -137,8 +137,8 @@ async fn manage(
         }
     }
     // All at once: one after another, each draining, would keep the last ones running long
-    // after the Lease could pass to another replica. A shutdown drains (the Lease is still
-    // this replica's until it ends); a lost Lease stops at once.
+    // after the Lease could pass to another replica. A shutdown drains them, together, within
+    // one drain timeout; a lost Lease stops them at once, creates in flight included.
     let engines = managed.into_values().filter_map(|entry| entry.engine);
     if shutdown.is_cancelled() {
         futures::future::join_all(engines.map(Engine::shutdown)).await;
