@@ -13,9 +13,10 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use spate_sources::amqp::{AMQP_EXAMPLE, redact_url};
+use spate_sources::amqp::AMQP_EXAMPLE;
 use spate_sources::backoff::Backoff;
 use spate_sources::check::{AMQP_SCHEMES, Problems};
+use spate_sources::redact;
 use spate_sources::secret::SecretValue;
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
@@ -81,7 +82,7 @@ pub fn build(
         };
         let publisher = AmqpPublisher {
             name: format!("spate {}/{}", cx.pipeline.namespace, cx.pipeline.name),
-            address: redact_url(&url),
+            address: redact::url(&url),
             url,
             exchange: config.exchange,
             routing_key: config.routing_key,

@@ -55,12 +55,13 @@ pub fn build(
     let config = config.clone();
     let name = format!("spate {}/{}", cx.pipeline.namespace, cx.pipeline.name);
     Box::pin(async move {
-        let client = ConnectOptions::new()
-            .name(name)
-            .connect(config.url.as_str())
+        let (url, options) =
+            spate_sources::nats::without_credentials(&config.url, ConnectOptions::new().name(name));
+        let client = options
+            .connect(url.as_str())
             .await
             .map_err(|err| SinkError::Connect {
-                address: config.url.clone(),
+                address: url.clone(),
                 reason: err.to_string(),
             })?;
         let jetstream = config.jetstream.then(|| jetstream::new(client.clone()));

@@ -15,7 +15,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use spate_sources::backoff::Backoff;
 use spate_sources::check::Problems;
-use spate_sources::redis_streams::{REDIS_EXAMPLE, REDIS_SCHEMES, redact_url, resolve_url};
+use spate_sources::redact;
+use spate_sources::redis_streams::{REDIS_EXAMPLE, REDIS_SCHEMES, resolve_url};
 use spate_sources::secret::SecretValue;
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -78,7 +79,7 @@ pub fn build(
         let url = resolve_url(&config.url, &config.url_from, secrets.as_ref())
             .await
             .map_err(|err| SinkError::Config(err.to_string()))?;
-        let address = redact_url(&url);
+        let address = redact::url(&url);
         let client = redis::Client::open(url.as_str()).map_err(|err| SinkError::Connect {
             address: address.clone(),
             reason: err.to_string(),

@@ -48,17 +48,19 @@ impl Problems {
 
     /// Checks that `url` starts with one of `schemes` and names a host or bucket.
     pub fn url(&mut self, path: &str, url: &str, schemes: &[&str]) {
+        // Problems end up in a Pipeline's status, readable by more people than its Secrets.
+        let shown = crate::redact::url(url);
         match url.split_once("://") {
             Some((scheme, rest)) if schemes.contains(&scheme) => {
                 if rest.is_empty() || (rest.starts_with('/') && scheme != "file") {
-                    self.push(path, format!("`{url}` names no host or bucket"));
+                    self.push(path, format!("`{shown}` names no host or bucket"));
                 }
             }
             _ => {
                 let expected: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
                 self.push(
                     path,
-                    format!("`{url}` must start with {}", expected.join(" or ")),
+                    format!("`{shown}` must start with {}", expected.join(" or ")),
                 );
             }
         }
@@ -178,5 +180,14 @@ mod tests {
         problems.url("u", "http://h", &AMQP_SCHEMES);
         problems.url("u", "s3://", &BUCKET_SCHEMES);
         assert_eq!(problems.into_vec().len(), 2);
+    }
+
+    #[test]
+    fn a_refused_url_is_quoted_without_its_credentials() {
+        let mut problems = Problems::new();
+        problems.url("u", "http://guest:s3cret@h:5672", &AMQP_SCHEMES);
+        let text = format!("{:?}", problems.into_vec());
+        assert!(text.contains("http://***@h:5672"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
     }
 }

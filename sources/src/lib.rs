@@ -20,6 +20,7 @@ pub mod mqtt;
 pub mod nats;
 pub mod object_store;
 pub mod payload;
+pub mod redact;
 pub mod redis_streams;
 pub mod secret;
 mod source;

@@ -163,7 +163,7 @@ pub fn describe(pipeline: &Pipeline, jobs: &[Job], events: &[Event], now: Timest
             out,
             "  {:<width$}{}",
             format!("{key}:"),
-            redact(&flat(value))
+            spate_sources::redact::urls_in(&flat(value))
         );
     }
 
@@ -439,50 +439,5 @@ fn flat(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
         other => other.to_string(),
-    }
-}
-
-/// Hides the password of `scheme://user:password@host` URLs.
-fn redact(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("://") {
-        let (head, tail) = rest.split_at(start + 3);
-        out.push_str(head);
-        let end = tail.find(['/', '"', ' ', ',', '}']).unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority
-            .rfind('@')
-            .map(|at| authority[..at].split_once(':'))
-        {
-            Some(Some((user, _))) => {
-                let at = authority.rfind('@').unwrap_or_default();
-                out.push_str(user);
-                out.push_str(":***");
-                out.push_str(&authority[at..]);
-            }
-            _ => out.push_str(authority),
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_in_urls_are_hidden() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("s3://bucket/prefix"), "s3://bucket/prefix");
-        assert_eq!(
-            redact(r#"{"url":"nats://a:b@h:4222","x":1}"#),
-            r#"{"url":"nats://a:***@h:4222","x":1}"#
-        );
     }
 }

@@ -1,5 +1,6 @@
 //! No secret reaches the logs: `spate run -f` at `RUST_LOG=debug`, with a webhook bearer token,
-//! an S3 secret key and an AMQP URL (with its password) from Kubernetes Secrets, and a sink
+//! an S3 secret key and an AMQP URL (with its password) from Kubernetes Secrets, a NATS URL
+//! holding a token (its server unreachable), and a sink
 //! bearer token from the environment, is driven through good calls, refused calls, events that
 //! fail to render (dead-lettered to a sink that is down) and a broker that refuses the
 //! password. Everything it prints, stdout and stderr, must be free of each secret value.
@@ -58,6 +59,10 @@ async fn no_secret_value_appears_in_debug_logs() {
     let sink_token = random_secret("sinktoken");
     let amqp_password = random_secret("amqppw");
     let amqp_url = format!("amqp://guest:{amqp_password}@127.0.0.1:5672/%2f");
+    // NATS takes a token as the URL's user part; nothing listens on the port, so the source
+    // logs its reconnection attempts.
+    let nats_token = random_secret("natstoken");
+    let nats_port = free_port().port();
 
     let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -116,7 +121,24 @@ spec:
             - name: work
               image: busybox
               args: ["{{ event.data.name }}"]
-"#,
+"#
+        .to_string()
+            + &format!(
+                r#"---
+apiVersion: spate.dev/v1alpha1
+kind: Pipeline
+metadata:
+  name: nats-unreachable
+spec:
+  source:
+    nats: {{url: "nats://{nats_token}@127.0.0.1:{nats_port}", subject: spate.secret}}
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers: [{{name: work, image: busybox}}]
+"#
+            ),
     )
     .unwrap();
     // A separate process: a source that stops ends `spate run -f` as a whole (see
@@ -229,7 +251,13 @@ spec:
     );
     // The error paths did run: otherwise the test would prove nothing.
     let lower = output.to_lowercase();
-    for expected in ["webhook", "secretive", "broker-refuses", "access_refused"] {
+    for expected in [
+        "webhook",
+        "secretive",
+        "broker-refuses",
+        "access_refused",
+        "cannot connect to nats",
+    ] {
         assert!(
             lower.contains(expected),
             "nothing logged about {expected}: {output}"
@@ -260,6 +288,7 @@ spec:
         ("the S3 access key id", &s3_key_id),
         ("the dead-letter sink's bearer token", &sink_token),
         ("the AMQP password", &amqp_password),
+        ("the NATS token", &nats_token),
     ] {
         for (number, line) in output.lines().enumerate() {
             if line.contains(secret.as_str()) {

@@ -72,7 +72,7 @@ impl AmqpConsumer {
         out: mpsc::Sender<Delivery>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
-        let address = super::redact_url(&self.url);
+        let address = crate::redact::url(&self.url);
         let mut backoff = Backoff::reconnect();
         // A missing queue or refused credentials at start-up is a configuration error the
         // operator must see; once the source has consumed, the same errors are an outage

@@ -101,30 +101,3 @@ async fn resolve_url(
         )),
     }
 }
-
-/// The URL without its credentials, for logs and errors; shared with the AMQP sink.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn credentials_never_reach_logs() {
-        assert_eq!(
-            redact_url("amqp://user:p@ss@rabbit:5672/%2f"),
-            "amqp://rabbit:5672/%2f"
-        );
-        assert_eq!(redact_url("amqp://rabbit/vhost"), "amqp://rabbit/vhost");
-        assert_eq!(redact_url("not a url"), "not a url");
-    }
-}

@@ -224,19 +224,22 @@ pub(crate) struct Endpoint {
 
 pub(crate) fn parse_url(url: &str) -> Result<Endpoint, String> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(format!("`{}` is not an mqtt:// URL", redact_url(url)));
+        return Err(format!(
+            "`{}` is not an mqtt:// URL",
+            crate::redact::url(url)
+        ));
     };
     if !MQTT_SCHEMES.contains(&scheme) {
         return Err(format!(
             "`{}`: only mqtt:// is supported (no TLS)",
-            redact_url(url)
+            crate::redact::url(url)
         ));
     }
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains(['/', '?', '#']) {
         return Err(format!(
             "`{}`: an MQTT URL has no path or query, only mqtt://host:port",
-            redact_url(url)
+            crate::redact::url(url)
         ));
     }
     let (userinfo, hostport) = match authority.rfind('@') {
@@ -259,14 +262,14 @@ pub(crate) fn parse_url(url: &str) -> Result<Endpoint, String> {
         Some((host, port)) if !host.ends_with(']') || hostport.starts_with('[') => {
             let port = port
                 .parse::<u16>()
-                .map_err(|_| format!("`{}`: `{port}` is not a port", redact_url(url)))?;
+                .map_err(|_| format!("`{}`: `{port}` is not a port", crate::redact::url(url)))?;
             (host, port)
         }
         _ => (hostport, 1883),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err(format!("`{}` names no host", redact_url(url)));
+        return Err(format!("`{}` names no host", crate::redact::url(url)));
     }
     Ok(Endpoint {
         host: host.to_string(),
@@ -274,11 +277,6 @@ pub(crate) fn parse_url(url: &str) -> Result<Endpoint, String> {
         username,
         password,
     })
-}
-
-/// The URL without its credentials, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    crate::amqp::redact_url(url)
 }
 
 /// Resolves the URL and credentials and returns the source; connecting happens in
@@ -312,7 +310,7 @@ pub fn build(
         }
         let keep_alive = parse_duration(&config.keep_alive).max(Duration::from_secs(1));
         Ok(Box::new(consumer::MqttConsumer {
-            address: redact_url(&url),
+            address: crate::redact::url(&url),
             endpoint,
             topic: config.topic,
             client_id: config

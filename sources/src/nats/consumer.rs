@@ -92,9 +92,10 @@ impl NatsConsumer {
             let options = ConnectOptions::new()
                 .name(format!("spate {}", self.pipeline))
                 .subscription_capacity(SUBSCRIPTION_CAPACITY);
+            let (url, options) = super::without_credentials(&self.url, options);
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
-                attempt = options.connect(self.url.as_str()) => attempt,
+                attempt = options.connect(url.as_str()) => attempt,
             };
             match attempt {
                 Ok(client) => return Ok(Some(client)),
@@ -108,13 +109,13 @@ impl NatsConsumer {
                     ) =>
                 {
                     return Err(SourceError::Connect {
-                        address: self.url.clone(),
+                        address: url,
                         reason: err.to_string(),
                     });
                 }
                 Err(err) => {
                     let delay = backoff.next_delay();
-                    warn!(url = %self.url, error = %err, attempt = backoff.attempt(),
+                    warn!(%url, error = %err, attempt = backoff.attempt(),
                         delay_ms = delay.as_millis() as u64, "cannot connect to nats; retrying");
                     if !sleep_unless_shutdown(delay, shutdown).await {
                         return Ok(None);

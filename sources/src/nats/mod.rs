@@ -100,6 +100,32 @@ impl NatsSource {
     }
 }
 
+/// Takes the credentials out of a NATS URL and hands them to the client as options: the
+/// client logs the URL it dials (at debug level), so it must never hold them. `user:password@`
+/// becomes a user and password, a lone `token@` a token, both percent-decoded.
+pub fn without_credentials(
+    url: &str,
+    options: async_nats::ConnectOptions,
+) -> (String, async_nats::ConnectOptions) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), options);
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_string(), options);
+    };
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let options = match rest[..at].split_once(':') {
+        Some((user, password)) => options.user_and_password(decode(user), decode(password)),
+        None => options.token(decode(&rest[..at])),
+    };
+    (format!("{scheme}://{}", &rest[at + 1..]), options)
+}
+
 /// Returns the source; connecting happens in [`Source::run`], which retries, so a server
 /// that is briefly down at start-up does not fail the pipeline.
 pub fn build(

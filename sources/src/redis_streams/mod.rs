@@ -175,11 +175,6 @@ pub async fn resolve_url(
     }
 }
 
-/// The URL without its credentials, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    crate::amqp::redact_url(url)
-}
-
 /// `<hostname>-<pid>`: unique per process on a host, stable for a pod's container restarts
 /// when the process is PID 1.
 pub fn default_consumer_name() -> String {
@@ -207,14 +202,17 @@ pub fn build(
     Box::pin(async move {
         let url = resolve_url(&config.url, &config.url_from, cx.secrets.as_ref()).await?;
         let client = redis::Client::open(url.as_str()).map_err(|err| {
-            SourceError::Config(format!("redisStreams: url {}: {err}", redact_url(&url)))
+            SourceError::Config(format!(
+                "redisStreams: url {}: {err}",
+                crate::redact::url(&url)
+            ))
         })?;
         let duration = |field, text| required_duration("redisStreams", field, text);
         let block = duration("block", &config.block)?;
         let claim_idle = duration("claimIdle", &config.claim_idle)?;
         Ok(Box::new(consumer::StreamConsumer {
             client,
-            address: redact_url(&url),
+            address: crate::redact::url(&url),
             dead_letter_stream: config.dead_letter_stream(),
             consumer: config.consumer.unwrap_or_else(default_consumer_name),
             stream: config.stream,

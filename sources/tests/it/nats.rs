@@ -381,3 +381,98 @@ async fn a_missing_stream_at_start_up_is_an_error() {
     let err = result.expect_err("no such stream");
     assert!(err.to_string().contains("SPATE_MISSING"), "{err}");
 }
+
+/// A nats-server of its own on a free loopback port, requiring `args` (`--user`/`--pass`,
+/// `--auth`); killed on drop.
+struct AuthServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl AuthServer {
+    async fn start(args: &[&str]) -> AuthServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server on PATH (scripts/services installs it)");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        AuthServer { child, port }
+    }
+}
+
+impl Drop for AuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The client library ignores credentials written in the URL; the source hands them over
+/// itself: `user:password@` and a `token@` both authenticate.
+#[tokio::test]
+async fn credentials_in_the_url_authenticate() {
+    let with_password = AuthServer::start(&["--user", "spate", "--pass", "p@ss:word"]).await;
+    let with_token = AuthServer::start(&["--auth", "s3cr3t-token"]).await;
+    for (url, publisher) in [
+        (
+            format!(
+                "nats://spate:p%40ss%3Aword@127.0.0.1:{}",
+                with_password.port
+            ),
+            async_nats::ConnectOptions::with_user_and_password("spate".into(), "p@ss:word".into()),
+        ),
+        (
+            format!("nats://s3cr3t-token@127.0.0.1:{}", with_token.port),
+            async_nats::ConnectOptions::with_token("s3cr3t-token".into()),
+        ),
+    ] {
+        let port = url.rsplit(':').next().unwrap().to_string();
+        let config = NatsSource {
+            url,
+            subject: "spate.auth.>".to_string(),
+            jetstream: None,
+        };
+        let mut source = Running::start(&config, 16).await;
+        let publisher = publisher
+            .connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        // Core NATS delivers only to existing subscriptions: publish until one arrives.
+        let delivered = async {
+            loop {
+                publisher
+                    .publish("spate.auth.probe", "probe".into())
+                    .await
+                    .unwrap();
+                if let Ok(Some(delivery)) =
+                    timeout(Duration::from_millis(200), source.rx.recv()).await
+                {
+                    return delivery;
+                }
+            }
+        };
+        let delivery = timeout(WAIT, delivered)
+            .await
+            .unwrap_or_else(|_| panic!("no delivery through the server on port {port}"));
+        assert_eq!(delivery.event.fields()["data"], json!("probe"));
+        source.stop().await;
+    }
+}
