@@ -76,12 +76,19 @@ struct StartRetry {
 /// Runs until `shutdown`: waits for leadership, manages Pipelines while leading, and stops
 /// every engine when leadership is lost.
 pub async fn run(client: kube::Client, options: ControllerOptions, shutdown: CancellationToken) {
+    let standby = |standby: bool| {
+        if let Some(webhooks) = &options.engine.webhooks {
+            webhooks.set_standby(standby);
+        }
+    };
     loop {
+        standby(true);
         let Some(leading) =
             leader::acquire(client.clone(), options.lease.clone(), shutdown.clone()).await
         else {
             return;
         };
+        standby(false);
         manage(&client, &options, leading.clone(), &shutdown).await;
         leading.cancel();
         if shutdown.is_cancelled() {

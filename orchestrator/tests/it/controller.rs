@@ -484,3 +484,88 @@ async fn a_lease_renewed_by_a_holder_with_a_slow_clock_is_not_taken() {
     shutdown.cancel();
     cluster.shutdown().await;
 }
+
+/// A replica waiting for the Lease answers every webhook path with 503 and Retry-After, which
+/// a caller retries (the Service sends the retry to the leader); once it leads, a path no
+/// pipeline serves is a 404 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_replica_tells_webhook_callers_to_retry() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    install_crd(&cluster.client()).await;
+    // Another replica holds the Lease and renews it.
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), "default");
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "spate-controller"},
+        "spec": {"holderIdentity": "replica-a", "leaseDurationSeconds": 3,
+                 "renewTime": MicroTime(jiff::Timestamp::now())}
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    let holder_stops = CancellationToken::new();
+    let holder = tokio::spawn({
+        let (leases, stops) = (leases.clone(), holder_stops.clone());
+        async move {
+            while !stops.is_cancelled() {
+                let mut lease = leases.get("spate-controller").await.unwrap();
+                lease.spec.as_mut().unwrap().renew_time = Some(MicroTime(jiff::Timestamp::now()));
+                leases
+                    .replace("spate-controller", &PostParams::default(), &lease)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+
+    let webhooks = spate_sources::webhook::WebhookServer::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let address = webhooks.local_addr();
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (serving, stop) = (webhooks.clone(), stop.clone());
+        async move { serving.serve(stop).await }
+    });
+    let state = tempfile::tempdir().unwrap();
+    let mut options = options("replica-b", state.path());
+    options.engine.webhooks = Some(webhooks);
+    let running = tokio::spawn(controller::run(cluster.client(), options, stop.clone()));
+    let http = reqwest::Client::new();
+    let call = || async {
+        let answer = http
+            .post(format!("http://{address}/hooks/orders"))
+            .body("{}")
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let retry_after = answer
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok::<_, String>((answer.status().as_u16(), retry_after))
+    };
+    eventually("503 from the standby", 10, || async {
+        match call().await? {
+            (503, Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    holder_stops.cancel();
+    holder.await.unwrap();
+    eventually("404 once it leads", 20, || async {
+        match call().await? {
+            (404, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap();
+    cluster.shutdown().await;
+}

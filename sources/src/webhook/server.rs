@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -76,6 +77,9 @@ struct Inner {
     config: WebhookServerConfig,
     listener: Mutex<Option<TcpListener>>,
     routes: Mutex<HashMap<String, Arc<Endpoint>>>,
+    /// Set on a controller replica that does not hold the leader Lease: it runs no
+    /// pipelines, so a path it does not know may well be served by the leader.
+    standby: AtomicBool,
 }
 
 impl std::fmt::Debug for WebhookServer {
@@ -159,8 +163,17 @@ impl WebhookServer {
                 config,
                 listener: Mutex::new(Some(listener)),
                 routes: Mutex::new(HashMap::new()),
+                standby: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Marks this replica as standing by (not the leader) or leading. A standby answers a
+    /// path it does not serve with `503` and `Retry-After`, so a caller honouring the
+    /// contract retries (and the Service sends the retry on, to the leader) instead of taking
+    /// the `404` for a wrong path and dropping its event.
+    pub fn set_standby(&self, standby: bool) {
+        self.inner.standby.store(standby, Ordering::Relaxed);
     }
 
     /// The bound address (with the real port when bound to port 0).
@@ -253,6 +266,12 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let path = request.uri().path().to_string();
     let endpoint = lock(&inner.routes).get(&path).cloned();
     let Some(endpoint) = endpoint else {
+        if inner.standby.load(Ordering::Relaxed) {
+            return busy(
+                &inner,
+                "this replica is not the leader and serves no pipeline; try again",
+            );
+        }
         return refuse(StatusCode::NOT_FOUND, format!("no webhook at {path}"));
     };
     if request.method() != Method::POST {
