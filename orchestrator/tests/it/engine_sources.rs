@@ -203,13 +203,14 @@ spec:
     let census = observer.finish();
     assert!(census.peak > 0 && census.peak <= 40, "peak {}", census.peak);
     // Every message was acknowledged: the durable consumer has nothing pending.
-    assert_all_settled(&jetstream, &stream).await;
+    assert_eq!(unsettled(&jetstream, &stream).await, (0, 0));
     jetstream.delete_stream(&stream).await.unwrap();
     cluster.shutdown().await;
 }
 
-/// The durable consumer `spate-engine` of `stream` holds nothing unsettled nor undelivered.
-async fn assert_all_settled(jetstream: &async_nats::jetstream::Context, stream: &str) {
+/// What the durable consumer `spate-engine` of `stream` holds: (delivered and not settled,
+/// not delivered yet).
+async fn unsettled(jetstream: &async_nats::jetstream::Context, stream: &str) -> (usize, u64) {
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream
         .get_stream(stream)
         .await
@@ -218,7 +219,7 @@ async fn assert_all_settled(jetstream: &async_nats::jetstream::Context, stream: 
         .await
         .unwrap();
     let info = consumer.info().await.unwrap();
-    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    (info.num_ack_pending, info.num_pending)
 }
 
 /// Also: a pipeline whose source fails for good stops alone, not the process.
@@ -453,9 +454,18 @@ spec:
         1,
         "one Job, for the readable notification"
     );
+    // Both messages are settled: the Job's acknowledged, the dead letter's terminated. Acks
+    // are sent without waiting for the server, so this is looked at until it holds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while unsettled(&jetstream, &stream).await != (0, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unsettled (ack pending, pending): {:?}",
+            unsettled(&jetstream, &stream).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     engine.shutdown().await;
-    // Both messages were settled: the Job's acknowledged, the dead letter's terminated.
-    assert_all_settled(&jetstream, &stream).await;
     jetstream.delete_stream(&stream).await.unwrap();
     cluster.shutdown().await;
 }
