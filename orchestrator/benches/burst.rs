@@ -19,6 +19,8 @@
 //! waits for its `consuming mqtt topic` log line (written once the broker acknowledged the
 //! subscription), and then publishes.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
@@ -36,6 +38,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use spate_sim::{Faults, SimCluster, SimConfig};
+use support::{free_port, metric_sum, scrape};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const REDIS: &str = "redis://127.0.0.1:6379";
@@ -592,30 +595,6 @@ async fn end_mqtt_session(client_id: &str) -> anyhow::Result<()> {
         }
     })
     .await?
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn scrape(port: u16) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response)
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn histogram_count(text: &str) -> f64 {
