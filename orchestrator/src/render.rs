@@ -798,10 +798,60 @@ fn add_env(container: &mut Container, vars: &[EnvVar]) {
     env.extend(vars.iter().cloned());
 }
 
-/// Template fields that pass text to a shell: a container whose command (or args) is
-/// `<shell> -c <script>`; returns the paths of the script strings holding event placeholders.
-pub fn shell_script_placeholders(template: &Value) -> Vec<String> {
-    const SHELLS: [&str; 7] = ["sh", "bash", "dash", "zsh", "ash", "ksh", "busybox"];
+/// Programs that run code given inline, and the flags that give it: the flag's letter in a
+/// cluster of short flags (`sh -ec`, `perl -ne`) or the flag as written (`node --eval`).
+const INTERPRETERS: &[(&[&str], &[char], &[&str])] = &[
+    (
+        &["sh", "bash", "dash", "zsh", "ash", "ksh", "mksh", "busybox"],
+        &['c'],
+        &[],
+    ),
+    (
+        &["python", "python2", "python3", "pypy", "pypy3"],
+        &['c'],
+        &[],
+    ),
+    (&["perl"], &['e', 'E'], &[]),
+    (&["ruby"], &['e'], &[]),
+    (
+        &["node", "nodejs", "deno", "bun"],
+        &['e', 'p'],
+        &["--eval", "--print", "eval"],
+    ),
+    (&["php"], &['r'], &[]),
+    (&["pwsh", "powershell"], &['c'], &["-Command", "-command"]),
+    (&["awk", "gawk", "mawk", "jq", "sed"], &[], &[]),
+];
+
+/// The name a program is known by: `/usr/bin/python3.12` is `python3`.
+fn program_name(word: &str) -> &str {
+    let base = word.rsplit('/').next().unwrap_or(word);
+    base.split_once('.')
+        .filter(|(_, version)| version.chars().all(|c| c.is_ascii_digit()))
+        .map_or(base, |(name, _)| name)
+}
+
+/// Whether a string of the template reads the event, however it is written: `event.key`,
+/// `event['key']`, `event | tojson`, `{% for k in event %}`, `{% set e = event %}{{ e.key }}`.
+/// Decided on minijinja's parse of the text; text that does not parse (refused at render)
+/// counts as reading it when it names it.
+fn reads_event(text: &str) -> bool {
+    if !has_placeholder(text) {
+        return false;
+    }
+    match ENVIRONMENT.template_from_str(text) {
+        Ok(template) => template.undeclared_variables(false).contains("event"),
+        Err(_) => text.contains("event"),
+    }
+}
+
+/// Template fields that hand event text to an interpreter as code: a container whose command
+/// (or args) is `<program> <code flag> <code>` — a shell's `-c`, `python -c`, `perl -e`,
+/// `node -e`, `ruby -e`, `php -r`, `pwsh -Command`, or the program text of `awk`, `jq` or
+/// `sed` — where the code reads the event. Returns the paths of those code strings. The
+/// words after the code are its arguments (`sh -c 'convert "$1"' sh '{{ event.key }}'`),
+/// which the code quotes itself, so they may carry event values.
+pub fn inline_code_reading_the_event(template: &Value) -> Vec<String> {
     let mut found = Vec::new();
     let pod = &template["spec"]["template"]["spec"];
     for list in ["containers", "initContainers"] {
@@ -824,38 +874,47 @@ pub fn shell_script_placeholders(template: &Value) -> Vec<String> {
                         })
                 })
                 .collect();
-            // The shell may come after a wrapper (`env sh -c`, `nice -n 5 bash -c`), and `-c`
-            // may be combined with other flags (`sh -ec`, `bash -euxc`).
-            let Some(shell) = words
-                .iter()
-                .position(|(_, word)| SHELLS.contains(&word.rsplit('/').next().unwrap_or(word)))
-            else {
-                continue;
-            };
-            let Some(dash_c) = words[shell + 1..]
-                .iter()
-                .position(|(_, w)| {
-                    w.len() > 1
-                        && w.starts_with('-')
-                        && !w.starts_with("--")
-                        && w[1..].chars().all(|c| c.is_ascii_alphabetic())
-                        && w.contains('c')
-                })
-                .map(|at| at + shell + 1)
-            else {
-                continue;
-            };
-            for (path, word) in &words[dash_c + 1..] {
-                if dotted_references(word)
-                    .iter()
-                    .any(|r| r.starts_with("event."))
-                {
-                    found.push(path.clone());
-                }
+            if let Some(path) = code_reading_the_event(&words) {
+                found.push(path);
             }
         }
     }
     found
+}
+
+/// In one container's words: the path of the inline code that reads the event, if any. The
+/// program may come after a wrapper (`env sh -c`, `nice -n 5 bash -c`, `busybox sh -c`).
+fn code_reading_the_event(words: &[(String, &str)]) -> Option<String> {
+    for (at, (_, word)) in words.iter().enumerate() {
+        let name = program_name(word);
+        let Some((_, letters, long)) = INTERPRETERS
+            .iter()
+            .find(|(names, _, _)| names.contains(&name))
+        else {
+            continue;
+        };
+        let rest = &words[at + 1..];
+        let code = if letters.is_empty() && long.is_empty() {
+            // awk, jq, sed: the first word that is not an option is the program.
+            rest.iter().find(|(_, w)| !w.starts_with('-'))
+        } else {
+            let flag = rest.iter().position(|(_, w)| {
+                long.contains(w)
+                    || (w.len() > 1
+                        && w.starts_with('-')
+                        && !w.starts_with("--")
+                        && w[1..].chars().all(|c| c.is_ascii_alphabetic())
+                        && w[1..].contains(|c| letters.contains(&c)))
+            });
+            flag.and_then(|flag| rest[flag + 1..].iter().find(|(_, w)| !w.starts_with('-')))
+        };
+        if let Some((path, text)) = code
+            && reads_event(text)
+        {
+            return Some(path.clone());
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -1083,16 +1142,81 @@ mod tests {
         assert_eq!(pod.containers[0].security_context, None);
     }
 
+    fn inline_code_of(command: &[&str]) -> Vec<String> {
+        inline_code_reading_the_event(&json!({"spec": {"template": {"spec": {
+            "initContainers": [{"name": "i", "command": command}]
+        }}}}))
+    }
+
     #[test]
-    fn shell_scripts_may_not_carry_event_placeholders() {
-        let template = json!({"spec": {"template": {"spec": {"containers": [
-            {"name": "a", "command": ["/bin/sh", "-c", "convert {{ event.key }}"]},
-            {"name": "b", "command": ["convert"], "args": ["{{ event.key }}"]},
-            {"name": "c", "command": ["bash"], "args": ["-c", "echo \"$KEY\""]},
+    fn inline_code_may_not_read_the_event_however_it_is_written() {
+        for (command, code_at) in [
+            (vec!["/bin/sh", "-c", "convert {{ event.key }}"], 2),
+            (vec!["sh", "-c", "x {{ event }}"], 2),
+            (vec!["sh", "-c", "x {{ event['key'] }}"], 2),
+            (vec!["sh", "-c", "x {{ event | tojson }}"], 2),
+            (vec!["sh", "-c", "{% set e = event %}x {{ e.key }}"], 2),
+            (
+                vec!["sh", "-c", "{% for k in event %}{{ k }}{% endfor %}"],
+                2,
+            ),
+            (vec!["env", "bash", "-lc", "x {{ event.key }}"], 3),
+            (vec!["busybox", "sh", "-euxc", "x {{ event.key }}"], 3),
+            (vec!["nice", "-n", "5", "dash", "-c", "{{ event.key }}"], 5),
+            (vec!["python3", "-c", "print('{{ event.key }}')"], 2),
+            (
+                vec!["/usr/bin/python3.12", "-c", "print('{{ event.key }}')"],
+                2,
+            ),
+            (vec!["perl", "-ne", "print '{{ event.key }}'"], 2),
+            (vec!["node", "--eval", "console.log('{{ event.key }}')"], 2),
+            (vec!["node", "-e", "x('{{ event.key }}')"], 2),
+            (vec!["ruby", "-e", "puts '{{ event.key }}'"], 2),
+            (vec!["php", "-r", "echo '{{ event.key }}';"], 2),
+            (
+                vec!["pwsh", "-Command", "Write-Output '{{ event.key }}'"],
+                2,
+            ),
+            (vec!["awk", "-F:", "{ print \"{{ event.key }}\" }"], 2),
+            (vec!["jq", "-r", ".[\"{{ event.key }}\"]"], 2),
+            (vec!["sh", "-c", "x {% if event %}y{% endif %"], 2),
+        ] {
+            assert_eq!(
+                inline_code_of(&command),
+                [format!(
+                    "spec.template.spec.initContainers[0].command[{code_at}]"
+                )],
+                "{command:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_values_outside_inline_code_are_allowed() {
+        for command in [
+            vec!["convert", "{{ event.key }}", "out.jpg"],
+            vec!["bash", "-c", "echo \"$KEY\""],
+            // The script quotes its argument: the event's text is never parsed as code.
+            vec![
+                "sh",
+                "-c",
+                "convert \"$1\" out.jpg",
+                "sh",
+                "{{ event.key }}",
+            ],
+            vec!["python3", "/app/run.py", "{{ event.key }}"],
+            vec!["sh", "-c", "echo {{ params.size }} {{ pipeline.name }}"],
+            vec!["shasum", "-c", "{{ event.key }}"],
+        ] {
+            assert!(inline_code_of(&command).is_empty(), "{command:?}");
+        }
+        // A container's command and args are one command line.
+        let split = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "c", "command": ["bash"], "args": ["-c", "x {{ event.key }}"]},
         ]}}}});
         assert_eq!(
-            shell_script_placeholders(&template),
-            ["spec.template.spec.containers[0].command[2]"]
+            inline_code_reading_the_event(&split),
+            ["spec.template.spec.containers[0].args[1]"]
         );
     }
 }

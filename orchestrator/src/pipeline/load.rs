@@ -387,12 +387,14 @@ fn resolve_template(
     };
     check_pod_template(&template, base, problems);
     let raw = serde_json::to_value(&template).unwrap_or(Value::Null);
-    for path in render::shell_script_placeholders(&raw) {
+    for path in render::inline_code_reading_the_event(&raw) {
         problems.push((
             join_template_path(base, &path),
-            "event values must not be written into a shell script (an object named `a; rm -rf \
-             /` would run); pass them as env, e.g. `env: [{name: KEY, value: \"{{ event.key \
-             }}\"}]`, and use \"$KEY\" in the script"
+            "event values must not be written into inline code (`sh -c`, `python -c`, `perl \
+             -e`, `node -e`, ...): an object named `a; rm -rf /` would run; pass them as env, \
+             e.g. `env: [{name: KEY, value: \"{{ event.key }}\"}]`, and use \"$KEY\" in the \
+             script, or as an argument after the script (`sh -c 'convert \"$1\"' sh \
+             '{{ event.key }}'`)"
                 .to_string(),
         ));
     }

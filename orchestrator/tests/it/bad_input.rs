@@ -776,55 +776,69 @@ fn broken_pipelines() -> Vec<Broken> {
             Some(16),
             "not available in indexed mode",
         ),
-        // Placeholders in shell scripts.
+        // The event read by inline code.
         broken(
             "a placeholder in sh -c",
             with_command("[\"/bin/sh\", \"-c\", \"convert {{ event.id }}\"]"),
             "spec.jobTemplate.spec.template.spec.containers[0].command[2]",
             Some(15),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
         broken(
             "a placeholder in bash -c given in args",
             with_command("[bash]\n              args: [\"-c\", \"echo {{ event.id }}\"]"),
             "spec.jobTemplate.spec.template.spec.containers[0].args[1]",
             Some(16),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
         broken(
             "a placeholder in busybox sh -c",
             with_command("[busybox, sh, \"-c\", \"echo {{ event.id }}\"]"),
             "spec.jobTemplate.spec.template.spec.containers[0].command[3]",
             Some(15),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
         broken(
             "a placeholder in sh -ec (combined flags)",
             with_command("[sh, \"-ec\", \"echo {{ event.id }}\"]"),
             "spec.jobTemplate.spec.template.spec.containers[0].command[2]",
             Some(15),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
         broken(
             "a placeholder in sh -xc",
             with_command("[/bin/bash, \"-euxc\", \"echo {{ event.id }}\"]"),
             "spec.jobTemplate.spec.template.spec.containers[0].command[2]",
             Some(15),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
         broken(
             "a placeholder in a shell started through env",
             with_command("[/usr/bin/env, sh, \"-c\", \"echo {{ event.id }}\"]"),
             "spec.jobTemplate.spec.template.spec.containers[0].command[3]",
             Some(15),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
         broken(
             "a placeholder in a shell started through nice",
             with_command("[nice, \"-n\", \"5\", bash, \"-c\", \"echo {{ event.id }}\"]"),
             "spec.jobTemplate.spec.template.spec.containers[0].command[5]",
             Some(15),
-            "must not be written into a shell script",
+            "must not be written into inline code",
+        ),
+        broken(
+            "the event read by subscript in python -c",
+            with_command("[python3, \"-c\", \"print('{{ event['id'] }}')\"]"),
+            "spec.jobTemplate.spec.template.spec.containers[0].command[2]",
+            Some(15),
+            "must not be written into inline code",
+        ),
+        broken(
+            "the whole event in perl -e",
+            with_command("[perl, \"-e\", \"print '{{ event | tojson }}'\"]"),
+            "spec.jobTemplate.spec.template.spec.containers[0].command[2]",
+            Some(15),
+            "must not be written into inline code",
         ),
         broken(
             "a placeholder in an init container's script",
@@ -834,7 +848,7 @@ fn broken_pipelines() -> Vec<Broken> {
             ),
             "spec.jobTemplate.spec.template.spec.initContainers[0].command[2]",
             Some(13),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
     ]
 }
@@ -1029,7 +1043,7 @@ fn nasty_files_are_refused_by_spate_validate_without_crashing() {
         (
             "a stored corpus file: placeholders in a script",
             corpus().join("shell-placeholder.yaml"),
-            "must not be written into a shell script",
+            "must not be written into inline code",
         ),
     ];
     let mut failures = Vec::new();

@@ -272,7 +272,7 @@ fn broken_pipelines() -> Vec<(&'static str, String, &'static str)> {
             "spec.jobTemplate.spec.template.spec.containers[0].args[0]",
         ),
         (
-            "event text written into a shell script",
+            "event text written into inline code",
             pipeline(
                 "objectStore:\n  url: s3://uploads",
                 "jobTemplate:\n  spec:\n    template:\n      spec:\n        containers:\n          - name: a\n            image: b\n            command: [sh, -c, \"convert {{ event.key }}\"]  # <-",
