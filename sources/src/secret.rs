@@ -34,11 +34,29 @@ pub enum SecretError {
     MissingKey { name: String, key: String },
     #[error("cannot read secret {name}: {reason}")]
     Unreadable { name: String, reason: String },
+    /// The pipeline names something of the Spate process's own (an environment variable, its
+    /// cloud identity, its filesystem) that the operator has not granted to its namespace.
+    #[error(
+        "{what} belongs to the Spate process, and namespace {namespace} has not been granted it; \
+         use a Secret of the namespace (`secretKeyRef`), or ask the operator to grant it \
+         (`spate run --grant-env NAME={namespace}` for one environment variable, \
+         `--trust-namespace {namespace}` for everything; docs/operations.md, \"Tenancy\")"
+    )]
+    NotGranted { what: String, namespace: String },
 }
 
 /// Looks secret values up.
 pub trait SecretResolver: Send + Sync {
     fn resolve<'a>(&'a self, value: &'a SecretValue) -> BoxFuture<'a, Result<String, SecretError>>;
+
+    /// Whether the pipeline may act as the Spate process itself where it names no
+    /// credentials: a bucket reached through the process's credential chain (its environment,
+    /// its cloud workload identity) or a folder of its filesystem. `what` names that use in a
+    /// refusal. Everything is allowed unless a resolver says otherwise: outside a cluster
+    /// whoever started the process wrote its pipelines.
+    fn ambient(&self, _what: &str) -> Result<(), SecretError> {
+        Ok(())
+    }
 }
 
 /// Resolves `env` values only; for use without a cluster.

@@ -24,6 +24,7 @@ use super::watch::{self, WatchOptions, WatchOutput};
 use crate::engine::EngineOptions;
 use crate::engine::controller::{self, ControllerOptions};
 use crate::engine::leader::LeaseConfig;
+use crate::engine::tenancy::Tenancy;
 use crate::pipeline::{Pipeline, load_str};
 
 /// The pipeline `spate dev` runs: examples/thumbnails, pointed at the dev folders.
@@ -117,6 +118,8 @@ async fn run_async(args: DevArgs) -> anyhow::Result<ExitCode> {
             namespace_budget: None,
             webhooks: None,
             drain_timeout: Duration::from_secs(10),
+            // The simulator on this machine, run by the person who wrote the pipelines.
+            tenancy: Arc::new(Tenancy::SingleTenant),
         },
         lease: LeaseConfig {
             namespace: NAMESPACE.to_string(),

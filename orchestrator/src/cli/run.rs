@@ -17,6 +17,7 @@ use super::ClusterArgs;
 use crate::engine::checkpoints::ConfigMapCheckpoints;
 use crate::engine::controller::{self, ControllerOptions};
 use crate::engine::leader::LeaseConfig;
+use crate::engine::tenancy::{Grants, Tenancy};
 use crate::engine::{Engine, EngineOptions, http};
 use crate::pipeline::load_file;
 
@@ -27,9 +28,13 @@ use crate::pipeline::load_file;
 /// replica holds the leader Lease, and writes their status. Either way it runs until SIGTERM
 /// or Ctrl-C, then stops taking events, finishes the Job creations in flight, acknowledges
 /// their events and exits.
+///
+/// In controller mode a Pipeline uses Secrets of its own namespace; the controller's own
+/// environment variables, cloud identity and folders only where --grant-env or
+/// --trust-namespace gives them to its namespace.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  spate run -f examples/amqp-work-queue/pipeline.yaml\n  spate run -f a.yaml -f b.yaml --kubeconfig ~/.kube/config --max-pods 200\n  spate run -f pipeline.yaml --metrics-listen 127.0.0.1:9464"
+    after_help = "Examples:\n  spate run -f examples/amqp-work-queue/pipeline.yaml\n  spate run -f a.yaml -f b.yaml --kubeconfig ~/.kube/config --max-pods 200\n  spate run -f pipeline.yaml --metrics-listen 127.0.0.1:9464\n  spate run --grant-env SPATE_AMQP_URL=team-a,team-b --trust-namespace spate-system"
 )]
 pub struct RunArgs {
     /// Pipeline files; without any, watch Pipeline resources in the cluster.
@@ -63,6 +68,16 @@ pub struct RunArgs {
     /// How long shutdown waits for Job creations in flight.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Controller mode: let Pipelines of these namespaces name this environment variable of
+    /// the controller with `{env: NAME}` (`NAME=*` for every namespace). Repeatable. Without
+    /// a grant a Pipeline reads credentials only from Secrets of its own namespace.
+    #[arg(long, value_name = "NAME=NAMESPACE[,NAMESPACE...]")]
+    pub grant_env: Vec<String>,
+    /// Controller mode: a namespace whose Pipelines may use everything the controller
+    /// process has: every environment variable, the cloud identity object stores fall back to
+    /// without keys, its local folders. For the operator's own namespace. Repeatable.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub trust_namespace: Vec<String>,
 }
 
 pub fn run(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
@@ -125,6 +140,7 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
         namespace_budget: args.max_pods.map(crate::engine::budget::Budget::new),
         webhooks,
         drain_timeout: args.drain_timeout,
+        tenancy: Arc::new(Tenancy::SingleTenant),
     };
     let count = pipelines.len();
     let mut engine = Engine::start(client, pipelines, options).await?;
@@ -148,6 +164,15 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
 }
 
 async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
+    let mut grants = Grants {
+        trusted: args.trust_namespace.iter().cloned().collect(),
+        ..Grants::default()
+    };
+    for flag in &args.grant_env {
+        grants
+            .add_env_grant(flag)
+            .map_err(|error| anyhow::anyhow!("--grant-env {error}"))?;
+    }
     let client = cluster.client().await?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -177,6 +202,7 @@ async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<
             namespace_budget: args.max_pods.map(crate::engine::budget::Budget::new),
             webhooks: Some(webhooks),
             drain_timeout: args.drain_timeout,
+            tenancy: Arc::new(Tenancy::Granted(grants)),
         },
         lease: LeaseConfig {
             namespace: lease_namespace.clone(),

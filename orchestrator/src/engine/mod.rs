@@ -22,6 +22,7 @@ pub mod secrets;
 mod sinks;
 pub mod stats;
 mod stuck;
+pub mod tenancy;
 pub mod tracker;
 mod widen;
 
@@ -55,6 +56,8 @@ pub struct EngineOptions {
     pub webhooks: Option<spate_sources::webhook::WebhookServer>,
     /// How long SIGTERM waits for creates in flight before giving their events back.
     pub drain_timeout: Duration,
+    /// What each pipeline may use of the process's own environment, identity and files.
+    pub tenancy: Arc<tenancy::Tenancy>,
 }
 
 /// Pipelines being run, and how to stop them.
@@ -107,6 +110,7 @@ impl Engine {
             let secrets = Arc::new(secrets::KubeSecrets {
                 client: client.clone(),
                 namespace: namespace.clone(),
+                authority: options.tenancy.for_namespace(&namespace),
             });
             let sinks = sinks::PipelineSinks::connect(
                 &spec.sinks,

@@ -21,6 +21,7 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOption
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use parking_lot::Mutex;
+use spate::engine::tenancy::Tenancy;
 use spate::engine::{Engine, EngineOptions};
 use spate::pipeline::load_str;
 use spate_sources::checkpoint::FileCheckpoints;
@@ -271,6 +272,7 @@ pub async fn start_engine(client: &kube::Client, yaml: &str, state: &std::path::
             namespace_budget: None,
             webhooks: None,
             drain_timeout: Duration::from_secs(10),
+            tenancy: Arc::new(Tenancy::SingleTenant),
         },
     )
     .await
@@ -436,13 +438,57 @@ pub fn redis_cli(commands: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Starts `spate run -f PIPELINE` against the cluster of `kubeconfig`, its output discarded
-/// (a test reads what it did from the cluster and the broker, never from its logs).
+/// A `spate run` a test started: killed when dropped. A test reads what it did from the
+/// cluster and the broker, never from its log; but the log is kept, and its end printed when
+/// the test fails, because a stall (a consumer group that never rebalances, a watch that
+/// never comes back) shows nowhere else.
+pub struct SpateRun {
+    process: KillOnDrop,
+    log: tempfile::NamedTempFile,
+}
+
+/// Lines of a failed test's `spate run` log printed.
+const LOG_TAIL: usize = 60;
+
+impl std::ops::Deref for SpateRun {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for SpateRun {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.process
+    }
+}
+
+impl Drop for SpateRun {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+        eprintln!(
+            "--- the last {} of {} lines of `spate run` (pid {}):\n{}\n---",
+            tail.len(),
+            lines.len(),
+            self.process.id(),
+            tail.join("\n")
+        );
+    }
+}
+
+/// Starts `spate run -f PIPELINE` against the cluster of `kubeconfig`.
 pub fn spawn_spate_run(
     pipeline: &std::path::Path,
     kubeconfig: &std::path::Path,
     state: &std::path::Path,
-) -> KillOnDrop {
+) -> SpateRun {
     spawn_spate_run_with_metrics(pipeline, kubeconfig, state, "127.0.0.1:0")
 }
 
@@ -452,7 +498,7 @@ pub fn spawn_spate_run_with_metrics(
     kubeconfig: &std::path::Path,
     state: &std::path::Path,
     metrics: &str,
-) -> KillOnDrop {
+) -> SpateRun {
     spawn_spate_run_with_args(pipeline, kubeconfig, state, &["--metrics-listen", metrics])
 }
 
@@ -462,8 +508,9 @@ pub fn spawn_spate_run_with_args(
     kubeconfig: &std::path::Path,
     state: &std::path::Path,
     args: &[&str],
-) -> KillOnDrop {
-    std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
+) -> SpateRun {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let process = std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
         .arg("run")
         .args(args)
         .arg("--state-dir")
@@ -472,11 +519,13 @@ pub fn spawn_spate_run_with_args(
         .arg(kubeconfig)
         .arg("-f")
         .arg(pipeline)
+        .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .map(KillOnDrop)
-        .unwrap()
+        .unwrap();
+    SpateRun { process, log }
 }
 
 /// [`jobs_per_event`] of the Jobs matching `selector`. The test goes through the same API
@@ -639,6 +688,7 @@ pub fn controller_options(
             namespace_budget: None,
             webhooks: None,
             drain_timeout: Duration::from_secs(5),
+            tenancy: Arc::new(Tenancy::SingleTenant),
         },
         lease: spate::engine::leader::LeaseConfig {
             namespace: namespace.to_string(),

@@ -296,6 +296,15 @@ fn all_on_values_switch_on_every_template() {
     let args = container["args"].as_array().unwrap();
     assert!(args.contains(&json!("--namespace=work")), "{args:?}");
     assert!(args.contains(&json!("--max-pods=200")), "{args:?}");
+    // Each credential is granted to its namespaces only: the release's by default.
+    for grant in [
+        "--grant-env=SPATE_AMQP_URL=spate-system",
+        "--grant-env=AWS_ACCESS_KEY_ID=work,*",
+        "--grant-env=AWS_SECRET_ACCESS_KEY=work,*",
+        "--trust-namespace=spate-system",
+    ] {
+        assert!(args.contains(&json!(grant)), "{grant} in {args:?}");
+    }
     let env = container["env"].as_array().unwrap();
     let from_secret = env
         .iter()

@@ -12,6 +12,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Event as KubeEvent;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
+use spate::engine::tenancy::Tenancy;
 use spate::pipeline::Pipeline;
 use spate_sim::{SimCluster, SimConfig};
 use spate_sinks::kubernetes_event::{
@@ -743,6 +744,7 @@ async fn retry_re_runs_each_dead_letter_once_and_skips_what_was_not_kept() {
             secrets: Arc::new(spate::engine::secrets::KubeSecrets {
                 client: client.clone(),
                 namespace: "default".into(),
+                authority: Tenancy::SingleTenant.for_namespace("default"),
             }),
             kube: Some(client.clone()),
         })

@@ -238,6 +238,7 @@ async fn the_pipeline_status_shows_the_streams_lag_until_the_burst_is_taken() {
                 namespace_budget: None,
                 webhooks: None,
                 drain_timeout: Duration::from_secs(5),
+                tenancy: Arc::new(spate::engine::tenancy::Tenancy::SingleTenant),
             },
             lease: LeaseConfig {
                 namespace: "default".to_string(),

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{KillOnDrop, list_jobs_per_event, post_until_accepted, spawn_spate_run_with_args};
+use common::{SpateRun, list_jobs_per_event, post_until_accepted, spawn_spate_run_with_args};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::Api;
@@ -19,7 +19,7 @@ use spate_sim::{SimCluster, SimConfig};
 const CALLS: usize = 400;
 const CALLERS: usize = 16;
 
-fn spawn_spate(pipeline: &Path, kubeconfig: &Path, state: &Path, webhooks: u16) -> KillOnDrop {
+fn spawn_spate(pipeline: &Path, kubeconfig: &Path, state: &Path, webhooks: u16) -> SpateRun {
     let webhooks = format!("127.0.0.1:{webhooks}");
     spawn_spate_run_with_args(
         pipeline,

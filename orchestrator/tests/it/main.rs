@@ -26,5 +26,6 @@ mod naming_props;
 mod real_cluster;
 mod render;
 mod secrets_in_logs;
+mod tenancy;
 mod validate;
 mod watch;

@@ -101,6 +101,12 @@ pub async fn open(
         .url
         .split_once("://")
         .ok_or_else(|| SourceError::Config(format!("`{}` is not a bucket URL", config.url)))?;
+    // The process's own authority: its environment (AWS_*, AZURE_*, GOOGLE_*), its workload
+    // identity, its folders. Used where the configuration names no keys, and read beside
+    // given keys only when the pipeline may use it, so another tenant's AWS_SESSION_TOKEN
+    // or endpoint never joins a pipeline's own keys.
+    let ambient_allowed = |what: &str| secrets.ambient(what).map_err(SourceError::from);
+    let process_environment = ambient_allowed("the process's cloud environment").is_ok();
     let keys = match config.credentials {
         Some(credentials) => Some((
             secrets.resolve(&credentials.access_key_id).await?,
@@ -125,6 +131,7 @@ pub async fn open(
         if keys.is_some() {
             return Err(refuse("credentials"));
         }
+        ambient_allowed(&format!("the local folder {}", config.url))?;
         let folder = rest.trim_end_matches('/');
         let folder = if folder.is_empty() { "/" } else { folder };
         let store = LocalFileSystem::new_with_prefix(folder).map_err(built)?;
@@ -150,7 +157,15 @@ pub async fn open(
     let plain_http = |endpoint: &str| endpoint.starts_with("http://");
     let (store, signer): (Arc<dyn ObjectStore>, Arc<dyn Signer>) = match scheme {
         "s3" => {
-            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if keys.is_none() {
+                ambient_allowed(&format!("the credential chain used for {}", config.url))?;
+            }
+            let builder = if process_environment {
+                AmazonS3Builder::from_env()
+            } else {
+                AmazonS3Builder::new()
+            };
+            let mut builder = builder.with_bucket_name(bucket);
             if let Some(region) = config.region {
                 builder = builder.with_region(region);
             }
@@ -178,6 +193,7 @@ pub async fn open(
                     config.url
                 )));
             }
+            ambient_allowed(&format!("the service account used for {}", config.url))?;
             let gcs = Arc::new(
                 GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
@@ -188,7 +204,15 @@ pub async fn open(
         }
         "az" => {
             // Azure names accounts, not regions; the access key pair is the account and its key.
-            let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+            if keys.is_none() {
+                ambient_allowed(&format!("the credential chain used for {}", config.url))?;
+            }
+            let builder = if process_environment {
+                MicrosoftAzureBuilder::from_env()
+            } else {
+                MicrosoftAzureBuilder::new()
+            };
+            let mut builder = builder.with_container_name(bucket);
             if let Some(endpoint) = config.endpoint {
                 builder = builder
                     .with_endpoint(endpoint.to_string())
