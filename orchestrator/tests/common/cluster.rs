@@ -174,10 +174,10 @@ fn start_real() -> Result<Arc<Shared>, String> {
         .output()
         .map_err(|e| format!("could not run {}: {e}", script.display()))?;
     if !started.status.success() {
+        // Its message says where it looked for the binaries.
         return Err(format!(
-            "{} start failed (it looks for the binaries in {}, or SPATE_KUBE_BIN):\n{}",
+            "{} start failed:\n{}",
             script.display(),
-            repo_root().join("../shared/k8s").display(),
             String::from_utf8_lossy(&started.stderr)
         ));
     }

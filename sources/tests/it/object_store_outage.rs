@@ -335,8 +335,11 @@ impl PortForward {
         PortForward { connections }
     }
 
-    fn close(self) {
+    /// Returns once the listener is dropped: an abort only asks the task to stop, and under
+    /// load a connect right after it could still reach the old listener.
+    async fn close(self) {
         self.connections.abort();
+        let _ = self.connections.await;
     }
 }
 
@@ -358,7 +361,7 @@ async fn polling_survives_the_s3_server_killed_and_restarted_with_its_data() {
     // Part of the bucket delivered, the rest in the channel or not yet listed.
     polling.receive(&mut seen, 20).await;
 
-    forward.close();
+    forward.close().await;
     assert!(
         TcpStream::connect(("127.0.0.1", port)).await.is_err(),
         "the port still answers"
