@@ -149,7 +149,15 @@ async fn ttl_back_to_zero(kind: Kind) {
     let connection = connect_amqp().await;
     delete_queues(&connection, &[&queue]).await;
     let observer = Observer::start(&cluster.client(), name);
-    let pipeline = write_pipeline(dir.path(), name, &queue, "{maxParallelism: 30}", 1);
+    // The rate is raised above the default (0.33/s after a burst of 20), which alone made
+    // this test take two minutes of waiting for its own rate limit.
+    let pipeline = write_pipeline(
+        dir.path(),
+        name,
+        &queue,
+        "{maxParallelism: 30, maxJobsPerSecond: 100, burst: 30}",
+        1,
+    );
     // Published first: publishing declares the queue, which the source expects to exist.
     publish(&connection, &queue, ids("t", 0, events)).await;
     let mut spate = spawn_spate_run(&pipeline, cluster.kubeconfig(), &dir.path().join("state"));
