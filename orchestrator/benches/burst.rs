@@ -235,7 +235,7 @@ spec:
 "#
         ),
     )?;
-    let metrics_port = free_port()?;
+    let metrics_port = free_port();
     let mut started = Instant::now();
     let mut spate = Command::new(env!("CARGO_BIN_EXE_spate"))
         .args([

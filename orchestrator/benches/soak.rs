@@ -201,7 +201,7 @@ spec:
 "#
         ),
     )?;
-    let metrics_port = free_port()?;
+    let metrics_port = free_port();
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_spate"))
         .args([

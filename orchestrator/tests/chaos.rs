@@ -182,11 +182,7 @@ enum Source {
 impl Source {
     fn webhook() -> Source {
         Source::Webhook {
-            port: std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port(),
+            port: common::free_port(),
             accepted: Arc::new(AtomicUsize::new(0)),
             callers: std::sync::Mutex::new(None),
         }
@@ -426,11 +422,7 @@ struct NatsServer {
 
 impl NatsServer {
     async fn start() -> NatsServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let store = tempfile::tempdir().unwrap();
         let process = Self::spawn(port, store.path()).await;
         NatsServer {

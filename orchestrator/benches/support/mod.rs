@@ -1,12 +1,10 @@
 //! What the benchmarks share: a free loopback port for `spate run`'s `/metrics`, and reading
 //! that endpoint.
 
-/// A loopback port nothing listens on now.
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+#[path = "../../../sources/tests/support/ports.rs"]
+mod ports;
+
+pub use ports::free_port;
 
 /// The whole answer to `GET /metrics` on `port`, headers included.
 pub async fn scrape(port: u16) -> anyhow::Result<String> {

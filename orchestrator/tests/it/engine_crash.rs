@@ -157,11 +157,7 @@ spec:
     )
     .unwrap();
     let jobs: Api<Job> = Api::namespaced(cluster.client(), "default");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     let mut spate = spawn_spate_run_with_metrics(
         &pipeline,
         &kubeconfig,

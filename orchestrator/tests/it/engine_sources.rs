@@ -259,11 +259,7 @@ spec:
         ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     let mut spate = std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
         .args(["run", "--metrics-listen", "127.0.0.1:0", "--webhook-listen"])
         .arg(format!("127.0.0.1:{port}"))

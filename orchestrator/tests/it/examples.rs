@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Timelike;
-use common::{KillOnDrop, Observer, connect_amqp, delete_queues, messages_left, start_engine};
+use common::{
+    KillOnDrop, Observer, connect_amqp, delete_queues, free_port, messages_left, start_engine,
+};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::Job;
@@ -236,14 +238,6 @@ impl SpateRun {
             self.log.display()
         )
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Waits until the `spate run` whose metrics listen on `port` answers `/readyz` with 200.

@@ -8,11 +8,11 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::KillOnDrop;
+use common::{KillOnDrop, free_port};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use spate_sim::{SimCluster, SimConfig};
@@ -22,13 +22,6 @@ use tokio::net::TcpStream;
 fn random_secret(label: &str) -> String {
     let bytes: [u8; 16] = rand::random();
     format!("{label}-{}", data_encoding::HEXLOWER.encode(&bytes))
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 async fn post(addr: SocketAddr, token: &str, body: &str) -> Option<u16> {
@@ -62,7 +55,7 @@ async fn no_secret_value_appears_in_debug_logs() {
     // NATS takes a token as the URL's user part; nothing listens on the port, so the source
     // logs its reconnection attempts.
     let nats_token = random_secret("natstoken");
-    let nats_port = free_port().port();
+    let nats_port = free_port();
 
     let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -179,7 +172,7 @@ spec:
         .map(KillOnDrop)
         .unwrap();
 
-    let webhook = free_port();
+    let webhook = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let log = dir.path().join("spate.log");
     let log_file = std::fs::File::create(&log).unwrap();
     let mut spate = Command::new(env!("CARGO_BIN_EXE_spate"))

@@ -43,7 +43,7 @@ use crate::secret::SecretValue;
 use crate::{Delivery, Source, SourceContext, SourceError};
 use auth::{Authenticator, MAX_SEEN_SIGNATURES, TimestampRule};
 use server::{Endpoint, Registration};
-pub use server::{WebhookServer, WebhookServerConfig};
+pub use server::{Starting, WebhookServer, WebhookServerConfig};
 
 /// HTTP requests to a path on Spate's webhook server. Authentication is required: choose
 /// `none` explicitly to go without.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -80,6 +80,9 @@ struct Inner {
     /// Set on a controller replica that does not hold the leader Lease: it runs no
     /// pipelines, so a path it does not know may well be served by the leader.
     standby: AtomicBool,
+    /// How many [`Starting`] guards live: pipelines being started, whose paths may not be
+    /// registered yet.
+    starting: AtomicUsize,
 }
 
 impl std::fmt::Debug for WebhookServer {
@@ -107,6 +110,18 @@ pub(super) enum Answer {
     AfterJob { timeout: Duration },
     /// As soon as the event is in the engine's channel.
     OnReceipt,
+}
+
+/// Returned by [`WebhookServer::starting`]; dropping it lets unknown paths be `404` again.
+#[must_use = "unknown paths are answered 404 again as soon as this is dropped"]
+pub struct Starting {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.inner.starting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Keeps a path registered; dropping it frees the path.
@@ -164,6 +179,7 @@ impl WebhookServer {
                 listener: Mutex::new(Some(listener)),
                 routes: Mutex::new(HashMap::new()),
                 standby: AtomicBool::new(false),
+                starting: AtomicUsize::new(0),
             }),
         })
     }
@@ -174,6 +190,18 @@ impl WebhookServer {
     /// the `404` for a wrong path and dropping its event.
     pub fn set_standby(&self, standby: bool) {
         self.inner.standby.store(standby, Ordering::Relaxed);
+    }
+
+    /// Holds off `404`s while pipelines start: until the guard is dropped, a path no pipeline
+    /// has registered is answered `503` with `Retry-After`, because the pipeline serving it
+    /// may be about to. Without it, a caller retrying across a restart of `spate` (or of one
+    /// Pipeline) could reach the listener before its path is back, take the `404` for a
+    /// wrong path, and drop its event.
+    pub fn starting(&self) -> Starting {
+        self.inner.starting.fetch_add(1, Ordering::SeqCst);
+        Starting {
+            inner: self.inner.clone(),
+        }
     }
 
     /// The bound address (with the real port when bound to port 0).
@@ -271,6 +299,9 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
                 &inner,
                 "this replica is not the leader and serves no pipeline; try again",
             );
+        }
+        if inner.starting.load(Ordering::SeqCst) > 0 {
+            return busy(&inner, "pipelines are starting; try again");
         }
         return refuse(StatusCode::NOT_FOUND, format!("no webhook at {path}"));
     };

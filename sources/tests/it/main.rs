@@ -14,6 +14,8 @@ mod object_store;
 mod object_store_notifications;
 mod object_store_outage;
 mod object_store_sqs;
+#[path = "../support/ports.rs"]
+mod ports;
 mod redis_streams;
 mod webhook;
 mod webhook_abuse;

@@ -391,11 +391,7 @@ struct AuthServer {
 
 impl AuthServer {
     async fn start(args: &[&str]) -> AuthServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::ports::free_port();
         let child = std::process::Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .args(args)

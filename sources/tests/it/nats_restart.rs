@@ -20,15 +20,9 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-const MESSAGES: u64 = 100;
+use crate::ports::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const MESSAGES: u64 = 100;
 
 async fn start_server(port: u16, store: &Path) -> Child {
     let child = Command::new("nats-server")

@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::ports::free_port;
+
 const ENDPOINT: &str = "http://127.0.0.1:9090";
 
 /// One outage at a time: the frozen server would otherwise also stall the other test.
@@ -239,7 +241,7 @@ struct Moto {
 impl Moto {
     async fn start() -> Moto {
         let recording = tempfile::tempdir().unwrap();
-        let port = free_port().await;
+        let port = free_port();
         let process = Self::spawn(port, recording.path()).await;
         Moto {
             port,
@@ -299,15 +301,6 @@ impl Moto {
     }
 }
 
-async fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The server's port as Spate sees it: a TCP forward to `upstream` that can be closed, which
 /// refuses new connections and cuts the open ones.
 struct PortForward {
@@ -354,7 +347,7 @@ async fn polling_survives_the_s3_server_killed_and_restarted_with_its_data() {
     upload(&bucket, keys("before")).await;
     moto.recorder("stop-recording").await;
 
-    let port = free_port().await;
+    let port = free_port();
     let forward = PortForward::open(port, moto.port).await;
     let mut polling = Polling::start(&name, &format!("http://127.0.0.1:{port}")).await;
     let mut seen = Vec::new();

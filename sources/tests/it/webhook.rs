@@ -431,6 +431,34 @@ async fn a_path_serves_one_pipeline_and_is_freed_when_it_stops() {
 }
 
 #[tokio::test]
+async fn an_unknown_path_is_503_while_pipelines_start_or_the_replica_stands_by_then_404() {
+    let harness = Harness::start().await;
+    let call = || post(harness.addr(), "/hooks/later", &[], "{}");
+    let starting = harness.server.starting();
+    let second = harness.server.starting();
+    let answer = call().await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert!(answer.header("Retry-After").is_some());
+    assert!(answer.body["error"].as_str().unwrap().contains("starting"));
+    drop(starting);
+    assert_eq!(call().await.status, 503, "one start still under way");
+    drop(second);
+    assert_eq!(call().await.status, 404);
+
+    harness.server.set_standby(true);
+    let answer = call().await;
+    assert_eq!(answer.status, 503);
+    assert!(
+        answer.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not the leader")
+    );
+    harness.server.set_standby(false);
+    assert_eq!(call().await.status, 404);
+}
+
+#[tokio::test]
 async fn a_caller_that_never_finishes_its_headers_is_cut_off() {
     let harness = Harness::start().await;
     let _rx = harness.source("media/f", bearer("/hooks/f"), 8).await;
