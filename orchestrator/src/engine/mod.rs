@@ -231,15 +231,29 @@ impl Engine {
 
     /// Stops taking events, lets creates in flight finish and acknowledge (up to the drain
     /// timeout), then stops everything.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.shutdown_unless(&CancellationToken::new()).await;
+    }
+
+    /// [`Engine::shutdown`], cut short into [`Engine::abort`] when `abort` fires during the
+    /// drain: a controller that loses the leader Lease while one pipeline drains (its spec
+    /// changed, it was deleted) must not keep creating Jobs for up to the drain timeout while
+    /// another replica takes over.
+    pub async fn shutdown_unless(mut self, abort: &CancellationToken) {
         self.sources.cancel();
         // Sources close their channels; intakes finish their creates, acknowledge and end.
-        let drained = tokio::time::timeout(self.drain_timeout, async {
+        let drain = tokio::time::timeout(self.drain_timeout, async {
             while self.flow.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("drain timeout: unfinished events go back to their sources");
+        });
+        tokio::select! {
+            drained = drain => {
+                if drained.is_err() {
+                    tracing::warn!("drain timeout: unfinished events go back to their sources");
+                }
+            }
+            _ = abort.cancelled() => {
+                tracing::warn!("drain cut short: unfinished events go back to their sources");
+            }
         }
         self.everything.cancel();
         while self.flow.join_next().await.is_some() {}

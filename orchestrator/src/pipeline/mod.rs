@@ -1,5 +1,6 @@
 //! The Pipeline resource: its types, how a file of them is loaded, and what makes one valid.
 
+pub mod crd;
 pub mod load;
 pub mod located;
 pub mod schema;

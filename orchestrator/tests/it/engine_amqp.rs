@@ -408,3 +408,57 @@ spec:
     delete_queues(&connection, &[&queue]).await;
     cluster.shutdown().await;
 }
+
+/// A drain cut short, as a controller that loses the leader Lease cuts one: with every create
+/// hanging on a slow API server, `shutdown_unless` returns once its token fires instead of
+/// waiting for the creates (or the drain timeout), and every message goes back to the queue
+/// unacknowledged, for the next leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_cut_short_stops_at_once_and_leaves_every_message_in_the_queue() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    let queue = format!("spate-test-cut-drain-{}", std::process::id());
+    let connection = connect_amqp().await;
+    delete_queues(&connection, &[&queue]).await;
+    let state = tempfile::tempdir().unwrap();
+    let yaml = pipeline_yaml("cut-drain", &queue, "perEvent", 100, "virtual", 0.1);
+    let engine = start_engine(&cluster.client(), &yaml, state.path()).await;
+    let hang = Duration::from_secs(8);
+    cluster.faults().set(spate_sim::Faults {
+        latency_ms: hang.as_millis() as u64,
+        ..Default::default()
+    });
+    publish(&connection, &queue, ids("held", 0, 20)).await;
+    // Taken from the queue (unacknowledged), their creates waiting on the API server.
+    common::eventually("the messages taken", 10, || async {
+        match messages_left(&connection, &queue).await {
+            0 => Ok(()),
+            left => Err(format!("{left} not taken yet")),
+        }
+    })
+    .await;
+
+    let lease_lost = tokio_util::sync::CancellationToken::new();
+    let lose = lease_lost.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        lose.cancel();
+    });
+    let began = std::time::Instant::now();
+    engine.shutdown_unless(&lease_lost).await;
+    let took = began.elapsed();
+    assert!(
+        took < hang / 2,
+        "the drain went on for {took:?} after the token fired (creates hang {hang:?})"
+    );
+    cluster.faults().set(spate_sim::Faults::default());
+    common::eventually("every message back in the queue", 10, || async {
+        match messages_left(&connection, &queue).await {
+            20 => Ok(()),
+            left => Err(format!("{left} of 20 in the queue")),
+        }
+    })
+    .await;
+    delete_queues(&connection, &[&queue]).await;
+    cluster.shutdown().await;
+}

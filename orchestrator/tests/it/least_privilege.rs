@@ -23,12 +23,16 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret};
+use k8s_openapi::api::rbac::v1::Role;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{CustomResourceExt, ResourceExt};
 use serde_json::{Value, json};
 use spate::pipeline::Pipeline;
 use spate_sim::{RequestKey, SimCluster, SimConfig};
+
+use crate::common::cluster::TestCluster;
+use crate::common::{free_port, install_crd};
 
 const WORK: &str = "work";
 const RELEASE_NAMESPACE: &str = "spate-system";
@@ -41,11 +45,16 @@ fn repo() -> PathBuf {
 
 /// `helm template` of the chart (release `spate` in `spate-system`) with `values`.
 fn render(values: &str) -> Vec<Value> {
+    render_in(RELEASE_NAMESPACE, values)
+}
+
+/// `helm template` of the chart, release `spate` in `namespace`, with `values`.
+fn render_in(namespace: &str, values: &str) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("values.yaml");
     std::fs::write(&file, values).unwrap();
     let output = Command::new(repo().join("scripts/chart"))
-        .args(["template", "--namespace", RELEASE_NAMESPACE])
+        .args(["template", "--namespace", namespace])
         .arg(&file)
         .output()
         .expect("run scripts/chart");
@@ -227,14 +236,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn eventually<F, Fut>(what: &str, seconds: u64, log: &Path, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -260,12 +261,24 @@ where
 }
 
 fn pipeline_resources() -> Vec<Pipeline> {
-    let hooks = format!(
+    [hooks_pipeline(WORK), ticks_pipeline()].into()
+}
+
+fn load_pipeline(yaml: &str) -> Pipeline {
+    spate::pipeline::load_str(yaml, "p.yaml")
+        .unwrap_or_else(|e| panic!("{e:#?}"))
+        .remove(0)
+        .pipeline
+}
+
+/// Webhook calls with a bearer token from the Secret `hook-token`, in `namespace`.
+fn hooks_pipeline(namespace: &str) -> Pipeline {
+    load_pipeline(&format!(
         r#"apiVersion: spate.dev/v1alpha1
 kind: Pipeline
 metadata:
   name: hooks
-  namespace: {WORK}
+  namespace: {namespace}
 spec:
   source:
     webhook:
@@ -288,8 +301,11 @@ spec:
               env:
                 - {{name: CUSTOMER, value: "{{{{ event.data.customer }}}}"}}
 "#
-    );
-    let ticks = format!(
+    ))
+}
+
+fn ticks_pipeline() -> Pipeline {
+    load_pipeline(&format!(
         r#"apiVersion: spate.dev/v1alpha1
 kind: Pipeline
 metadata:
@@ -311,20 +327,17 @@ spec:
             - name: work
               image: busybox:1.36
 "#
-    );
-    [hooks, ticks]
-        .iter()
-        .map(|yaml| {
-            spate::pipeline::load_str(yaml, "p.yaml")
-                .unwrap_or_else(|e| panic!("{e:#?}"))
-                .remove(0)
-                .pipeline
-        })
-        .collect()
+    ))
 }
 
 /// The container args of the chart's Deployment, made runnable on this machine.
-fn deployment_command(documents: &[Value], state: &Path, metrics: u16, webhooks: u16) -> Command {
+fn deployment_command(
+    documents: &[Value],
+    namespace: &str,
+    state: &Path,
+    metrics: u16,
+    webhooks: u16,
+) -> Command {
     let deployment = documents
         .iter()
         .find(|d| d["kind"] == "Deployment")
@@ -348,7 +361,7 @@ fn deployment_command(documents: &[Value], state: &Path, metrics: u16, webhooks:
     }
     command
         .env("POD_NAME", IDENTITY)
-        .env("POD_NAMESPACE", RELEASE_NAMESPACE);
+        .env("POD_NAMESPACE", namespace);
     command
 }
 
@@ -395,7 +408,7 @@ async fn the_chart_grants_exactly_what_the_controller_uses() {
             .unwrap();
     }
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    crds.create(&PostParams::default(), &Pipeline::crd())
+    crds.create(&PostParams::default(), &spate::pipeline::crd::definition())
         .await
         .unwrap();
     let pipelines: Api<Pipeline> = Api::namespaced(admin.clone(), WORK);
@@ -437,6 +450,7 @@ async fn the_chart_grants_exactly_what_the_controller_uses() {
     let (metrics_port, webhook_port) = (free_port(), free_port());
     let mut command = deployment_command(
         &namespaced,
+        RELEASE_NAMESPACE,
         &dir.path().join("state"),
         metrics_port,
         webhook_port,
@@ -805,4 +819,259 @@ async fn the_chart_grants_exactly_what_the_controller_uses() {
         "{cluster_grants:?}"
     );
     cluster.shutdown().await;
+}
+
+/// `kubectl --kubeconfig KUBECONFIG ARGS…` with `input` on its stdin; its stdout, or a panic
+/// with its stderr.
+fn kubectl(kubeconfig: &Path, args: &[&str], input: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl on PATH (scripts/test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The same chart on the real API server's authorizer, in namespaced mode: its
+/// ServiceAccount, Roles and RoleBindings applied by an administrator, and `spate run` (the
+/// Deployment's arguments) holding only a token the TokenRequest API issued to that account.
+/// A webhook pipeline reads its Secret, makes Jobs, marks them reported and writes its status
+/// with no `403`; then, with `create` on Jobs taken out of the Role, the next event is refused
+/// by the authorizer and dead-lettered with the refusal as its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_real_authorizer_the_chart_grants_enough_and_the_jobs_rule_is_needed() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let release = TestCluster::real("rbac-release").await;
+    let work = TestCluster::real("rbac-work").await;
+    let (release_ns, work_ns) = (release.namespace(), work.namespace());
+    let admin = release.client();
+    install_crd(&admin).await;
+
+    let documents = render_in(release_ns, &format!("watchNamespace: {work_ns}\n"));
+    let rbac: Vec<&Value> = documents
+        .iter()
+        .filter(|d| {
+            ["ServiceAccount", "Role", "RoleBinding"].contains(&d["kind"].as_str().unwrap())
+        })
+        .collect();
+    assert!(
+        !documents
+            .iter()
+            .any(|d| d["kind"].as_str().unwrap().starts_with("Cluster")),
+        "namespaced mode renders no cluster-wide grant"
+    );
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    kubectl(
+        release.kubeconfig(),
+        &["apply", "-f", "-"],
+        &list.to_string(),
+    );
+    let account = rbac.iter().find(|d| d["kind"] == "ServiceAccount").unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let token = kubectl(
+        release.kubeconfig(),
+        &[
+            "create",
+            "token",
+            account,
+            "-n",
+            release_ns,
+            "--duration",
+            "2h",
+        ],
+        "",
+    );
+    let mut kubeconfig: Value =
+        serde_json::from_slice(&std::fs::read(release.kubeconfig()).unwrap()).unwrap();
+    for user in kubeconfig["users"].as_array_mut().unwrap() {
+        user["user"] = json!({"token": token.trim()});
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig_path = dir.path().join("controller.kubeconfig");
+    std::fs::write(&kubeconfig_path, kubeconfig.to_string()).unwrap();
+
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), work_ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "hook-token"},
+        "stringData": {"token": HOOK_TOKEN},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let log = dir.path().join("spate.log");
+    let (metrics_port, webhook_port) = (free_port(), free_port());
+    let spate = deployment_command(
+        &documents,
+        release_ns,
+        &dir.path().join("state"),
+        metrics_port,
+        webhook_port,
+    )
+    .arg("--kubeconfig")
+    .arg(&kubeconfig_path)
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .map(KillOnDrop)
+    .unwrap();
+    let pipelines: Api<Pipeline> = Api::namespaced(admin.clone(), work_ns);
+    pipelines
+        .create(&PostParams::default(), &hooks_pipeline(work_ns))
+        .await
+        .unwrap();
+
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{webhook_port}/hooks/work");
+    let post = |id: String| {
+        let request = http
+            .post(&url)
+            .bearer_auth(HOOK_TOKEN)
+            .header("Idempotency-Key", id)
+            .header("content-type", "application/json")
+            .body(json!({"customer": "c", "start": "0.1"}).to_string())
+            .send();
+        async move {
+            let response = request.await.map_err(|e| e.to_string())?;
+            let status = response.status().as_u16();
+            Ok::<_, String>((status, response.text().await.unwrap_or_default()))
+        }
+    };
+    eventually("the webhook answers 202", 60, &log, || async {
+        match post("ok-0".into()).await? {
+            (202, _) => Ok(()),
+            (status, body) => Err(format!("HTTP {status}: {body}")),
+        }
+    })
+    .await;
+    for i in 1..4 {
+        assert_eq!(post(format!("ok-{i}")).await.unwrap().0, 202);
+    }
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), work_ns);
+    eventually("four Jobs marked reported", 60, &log, || async {
+        let list = jobs
+            .list(&ListParams::default().labels("spate.dev/pipeline=hooks"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let reported = list
+            .items
+            .iter()
+            .filter(|job| job.annotations().contains_key("spate.dev/reported"))
+            .count();
+        (reported == 4)
+            .then_some(())
+            .ok_or(format!("{reported} of {} reported", list.items.len()))
+    })
+    .await;
+    eventually("the status written, Running", 30, &log, || async {
+        let status = pipelines
+            .get_status("hooks")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        let reason = status.conditions.first().map(|c| c.reason.clone());
+        (reason.as_deref() == Some("Running"))
+            .then_some(())
+            .ok_or(format!("condition {reason:?}"))
+    })
+    .await;
+    let before = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !before.to_lowercase().contains("forbidden"),
+        "a request was forbidden with the chart's RBAC:\n{before}"
+    );
+
+    // Take `create` on Jobs out of the Role; the authorizer's cache follows within a moment.
+    let roles: Api<Role> = Api::namespaced(admin.clone(), work_ns);
+    let mut role = roles.get(&release_role_name(&rbac, work_ns)).await.unwrap();
+    for rule in role.rules.iter_mut().flatten() {
+        let on_jobs = rule.resources.iter().flatten().any(|r| r == "jobs");
+        if on_jobs && rule.api_groups.iter().flatten().any(|g| g == "batch") {
+            rule.verbs.retain(|verb| verb != "create");
+        }
+    }
+    roles
+        .replace(&role.name_any(), &PostParams::default(), &role)
+        .await
+        .unwrap();
+    let mut attempt = 0;
+    eventually(
+        "an event refused by the authorizer, answered 422",
+        30,
+        &log,
+        || {
+            attempt += 1;
+            let call = post(format!("after-revoke-{attempt}"));
+            async move {
+                let (status, body) = call.await?;
+                let error = serde_json::from_str::<Value>(&body).unwrap_or_default()["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if status == 422 && error.contains(r#"cannot create resource "jobs""#) {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {status}: {body}"))
+                }
+            }
+        },
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(admin.clone(), work_ns);
+    eventually(
+        "the refusal dead-lettered as an Event",
+        30,
+        &log,
+        || async {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("DeadLettered")
+                        && e.message
+                            .as_deref()
+                            .is_some_and(|m| m.contains("after-revoke") && m.contains("forbidden"))
+                })
+                .then_some(())
+                .ok_or(format!("{} Events, no such dead letter", list.items.len()))
+        },
+    )
+    .await;
+    drop(spate);
+    work.shutdown().await;
+    release.shutdown().await;
+}
+
+/// The name of the chart's Role in `namespace`.
+fn release_role_name(rbac: &[&Value], namespace: &str) -> String {
+    rbac.iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == namespace)
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("the chart's Role in the watched namespace")
+        .to_string()
 }
