@@ -9,5 +9,6 @@ pub mod engine;
 pub mod metrics;
 pub mod naming;
 pub mod pipeline;
+pub mod pod_security;
 pub mod render;
 pub mod templates;

@@ -13,9 +13,9 @@ use std::sync::LazyLock;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, NodeAffinity,
-    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec,
-    PreferredSchedulingTerm, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, PodSpec, PreferredSchedulingTerm, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use minijinja::{Environment, UndefinedBehavior};
@@ -25,6 +25,7 @@ use spate_sources::Event;
 use crate::naming;
 use crate::pipeline::located::{join_index, join_key};
 use crate::pipeline::{FanOutMode, Pipeline, PlacementMode};
+use crate::pod_security;
 
 /// Label on every Job and pod: the pipeline that made it.
 pub const PIPELINE_LABEL: &str = "spate.dev/pipeline";
@@ -84,13 +85,19 @@ pub enum RenderError {
     TooLarge(String),
     #[error("the rendered template is not a valid JobTemplateSpec: {0}")]
     Invalid(String),
+    /// The rendered pod breaks its pipeline's pod security level (a placeholder filled a
+    /// field the template left open); `path` is the field inside the Job.
+    #[error("{path}: {message}")]
+    PodSecurity { path: String, message: String },
 }
 
-/// Values templates see besides `event`.
+/// What a render needs besides the template and the events.
 #[derive(Debug, Clone, Default)]
 pub struct TemplateValues {
     /// `params.*` from a `templateRef`.
     pub params: BTreeMap<String, String>,
+    /// The level the rendered pod must meet, the one the pipeline was loaded under.
+    pub pod_security: pod_security::Level,
 }
 
 /// Renders `template` for `events` of `pipeline`: one event in `perEvent` mode, the whole
@@ -130,8 +137,17 @@ pub fn render_job(
     add_spate_labels(pod_meta, &pipeline_name, &batch);
     let pod = spec.template.spec.get_or_insert_with(Default::default);
     apply_placement(pod, pipeline);
-    restrict(pod);
+    pod_security::harden(pod);
     pass_input(pod, &input, &name, &pipeline_name, events);
+    if let Some(violation) = pod_security::check(pod, values.pod_security)
+        .into_iter()
+        .next()
+    {
+        return Err(RenderError::PodSecurity {
+            path: format!("spec.template.spec.{}", violation.path),
+            message: violation.message,
+        });
+    }
 
     let mut metadata = template.metadata.take().unwrap_or_default();
     metadata.name = Some(name.clone());
@@ -681,42 +697,6 @@ fn apply_placement(pod: &mut PodSpec, pipeline: &Pipeline) {
     }
 }
 
-/// Pods run under the `restricted` Pod Security Standard unless the template says otherwise:
-/// when the pod template sets no `securityContext`, the pod gets `runAsNonRoot` and the
-/// runtime's default seccomp profile, and each container without its own `securityContext`
-/// loses privilege escalation and every capability. The root file system stays writable:
-/// workers write temporary files. A template that sets the pod's `securityContext` keeps
-/// exactly what it wrote, containers included.
-fn restrict(pod: &mut PodSpec) {
-    if pod.security_context.is_some() {
-        return;
-    }
-    pod.security_context = Some(PodSecurityContext {
-        run_as_non_root: Some(true),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".to_string(),
-            localhost_profile: None,
-        }),
-        ..Default::default()
-    });
-    let containers = pod
-        .containers
-        .iter_mut()
-        .chain(pod.init_containers.iter_mut().flatten());
-    for container in containers {
-        container
-            .security_context
-            .get_or_insert_with(|| SecurityContext {
-                allow_privilege_escalation: Some(false),
-                capabilities: Some(Capabilities {
-                    drop: Some(vec!["ALL".to_string()]),
-                    add: None,
-                }),
-                ..Default::default()
-            });
-    }
-}
-
 fn node_affinity(pod: &mut PodSpec) -> &mut NodeAffinity {
     pod.affinity
         .get_or_insert_with(Affinity::default)
@@ -1122,24 +1102,49 @@ mod tests {
         };
         restricted(&pod.containers[0]);
         restricted(&pod.init_containers.as_ref().unwrap()[0]);
-        // A container's own securityContext is kept as written.
+        // A container's own securityContext keeps what it wrote and gets the rest.
         let own = pod.containers[1].security_context.clone().unwrap();
         assert_eq!(own.run_as_user, Some(1000));
-        assert_eq!(own.allow_privilege_escalation, None);
-        assert_eq!(own.capabilities, None);
+        assert_eq!(own.allow_privilege_escalation, Some(false));
+        assert_eq!(own.capabilities.unwrap().drop.unwrap(), ["ALL"]);
     }
 
     #[test]
-    fn a_template_with_its_own_pod_security_context_keeps_it() {
+    fn a_template_with_its_own_pod_security_context_gets_the_defaults_it_does_not_set() {
         let pod = render_webhook(
-            "          securityContext: {runAsUser: 0, fsGroup: 2000}\n          containers:\n            - {name: work, image: busybox}\n",
+            "          securityContext: {runAsUser: 1000, fsGroup: 2000}\n          containers:\n            - {name: work, image: busybox}\n",
         );
         let security = pod.security_context.unwrap();
-        assert_eq!(security.run_as_user, Some(0));
+        assert_eq!(security.run_as_user, Some(1000));
         assert_eq!(security.fs_group, Some(2000));
-        assert_eq!(security.run_as_non_root, None);
-        assert_eq!(security.seccomp_profile, None);
-        assert_eq!(pod.containers[0].security_context, None);
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let own = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(own.allow_privilege_escalation, Some(false));
+    }
+
+    #[test]
+    fn a_rendered_pod_that_breaks_its_level_is_refused_naming_the_field() {
+        let yaml = "apiVersion: spate.dev/v1alpha1\nkind: Pipeline\nmetadata:\n  name: hooks\nspec:\n  source:\n    webhook:\n      path: /hooks/x\n      auth: {none: {}}\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          containers:\n            - name: work\n              image: busybox\n              securityContext: {capabilities: {add: [\"{{ event.data.cap }}\"]}}\n";
+        let loaded = crate::pipeline::load_str(yaml, "p.yaml")
+            .unwrap_or_else(|e| panic!("{e:#?}"))
+            .remove(0);
+        let render = |cap: &str| {
+            let event = Event::from_json(json!({"id": "e1", "data": {"cap": cap}})).unwrap();
+            render_job(&loaded.pipeline, &loaded.template, &loaded.values, &[event])
+        };
+        assert!(render("NET_BIND_SERVICE").is_ok());
+        let error = render("SYS_ADMIN").unwrap_err();
+        assert_eq!(
+            error,
+            RenderError::PodSecurity {
+                path: "spec.template.spec.containers[0].securityContext.capabilities.add[0]"
+                    .to_string(),
+                message: "adding `SYS_ADMIN` is not allowed under the `restricted` pod security \
+                          level"
+                    .to_string(),
+            }
+        );
     }
 
     fn inline_code_of(command: &[&str]) -> Vec<String> {

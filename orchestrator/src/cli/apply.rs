@@ -11,8 +11,10 @@ use serde_json::Value;
 
 use super::ClusterArgs;
 use super::table::{Cluster, runtime};
+use crate::pipeline::Pipeline;
+use crate::pipeline::load::load_str_with;
 use crate::pipeline::located::parse_documents;
-use crate::pipeline::{Pipeline, load_str};
+use crate::pod_security::{Level, Policy};
 
 /// The field manager Spate applies as, shown in `metadata.managedFields`.
 pub const FIELD_MANAGER: &str = "spate";
@@ -20,7 +22,8 @@ pub const FIELD_MANAGER: &str = "spate";
 /// Create or update Pipelines from files, as `kubectl apply --server-side` does.
 ///
 /// Every file is checked first with the same checks as `spate validate` (errors name
-/// FILE:LINE:COLUMN and the field); if any is invalid, nothing is applied. Each Pipeline then
+/// FILE:LINE:COLUMN and the field) but the pod security level, which the controller checks
+/// against what the operator gave the namespace; if any is invalid, nothing is applied. Each Pipeline then
 /// goes to the namespace its file names, else -n, else the context's, through server-side
 /// apply with field manager `spate`. Only Pipelines are applied: the CRD comes from
 /// `spate crd | kubectl apply -f -`. Exits 0 when all were applied, 1 otherwise.
@@ -70,8 +73,12 @@ pub fn run(args: ApplyArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
     }
     let mut valid = Vec::new();
     let mut failed = false;
+    let any_pod = Policy {
+        default: Level::Privileged,
+        ..Policy::default()
+    };
     for (source, text) in &inputs {
-        match load_str(text, source) {
+        match load_str_with(text, source, &any_pod) {
             Ok(loaded) => {
                 let documents = parse_documents(text)
                     .map_err(|e| anyhow::anyhow!("{source}: {}", e.message))?;

@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::{CustomResourceExt, ResourceExt};
 use spate_sim::{SimCluster, SimConfig};
 use spate_sources::checkpoint::FileCheckpoints;
 use tokio_util::sync::CancellationToken;
@@ -129,6 +129,7 @@ async fn run_async(args: DevArgs) -> anyhow::Result<ExitCode> {
             renew: Duration::from_secs(5),
         },
         status_interval: Duration::from_millis(500),
+        pod_security: crate::pod_security::Policy::default(),
     };
     let controller = tokio::spawn(controller::run(client.clone(), options, stop.clone()));
 
@@ -208,7 +209,7 @@ fn exec_path(worker: &Path) -> anyhow::Result<OsString> {
 
 async fn install_crd(client: &kube::Client) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = Pipeline::crd();
+    let crd = crate::pipeline::crd::definition();
     crds.patch(
         &crd.name_any(),
         &PatchParams::apply("spate").force(),

@@ -8,8 +8,10 @@ use clap::Args;
 use serde_json::Value;
 use spate_sources::Event;
 
+use super::run::PodSecurityArgs;
 use super::{ClusterArgs, OutputFormat};
-use crate::pipeline::{FanOutMode, load_file};
+use crate::pipeline::FanOutMode;
+use crate::pipeline::load::load_file_with;
 use crate::render::render_job;
 
 /// Render a pipeline's Job for an event, exactly as `spate run` would create it.
@@ -41,10 +43,12 @@ pub struct RenderArgs {
     pub events: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: OutputFormat,
+    #[command(flatten)]
+    pub pod_security: PodSecurityArgs,
 }
 
 pub fn run(args: RenderArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
-    let pipelines = match load_file(&args.file) {
+    let pipelines = match load_file_with(&args.file, &args.pod_security.policy()?) {
         Ok(pipelines) => pipelines,
         Err(diagnostics) => {
             for diagnostic in diagnostics {

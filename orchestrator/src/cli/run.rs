@@ -19,7 +19,8 @@ use crate::engine::controller::{self, ControllerOptions};
 use crate::engine::leader::LeaseConfig;
 use crate::engine::tenancy::{Grants, Tenancy};
 use crate::engine::{Engine, EngineOptions, http};
-use crate::pipeline::load_file;
+use crate::pipeline::load::load_file_with;
+use crate::pod_security::{Level, Policy};
 
 /// Run the engine: take events from each pipeline's source and create their Jobs.
 ///
@@ -32,9 +33,14 @@ use crate::pipeline::load_file;
 /// In controller mode a Pipeline uses Secrets of its own namespace; the controller's own
 /// environment variables, cloud identity and folders only where --grant-env or
 /// --trust-namespace gives them to its namespace.
+///
+/// Every pod a pipeline makes must meet a Kubernetes Pod Security Standard: `restricted`
+/// unless --pod-security or, for one namespace, --pod-security-namespace says otherwise.
+/// A pipeline whose template breaks it does not start (the field and line say why); a pod a
+/// placeholder renders into breaking it is dead-lettered.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  spate run -f examples/amqp-work-queue/pipeline.yaml\n  spate run -f a.yaml -f b.yaml --kubeconfig ~/.kube/config --max-pods 200\n  spate run -f pipeline.yaml --metrics-listen 127.0.0.1:9464\n  spate run --grant-env SPATE_AMQP_URL=team-a,team-b --trust-namespace spate-system"
+    after_help = "Examples:\n  spate run -f examples/amqp-work-queue/pipeline.yaml\n  spate run -f a.yaml -f b.yaml --kubeconfig ~/.kube/config --max-pods 200\n  spate run -f pipeline.yaml --metrics-listen 127.0.0.1:9464\n  spate run --grant-env SPATE_AMQP_URL=team-a,team-b --trust-namespace spate-system\n  spate run --pod-security-namespace build-farm=baseline"
 )]
 pub struct RunArgs {
     /// Pipeline files; without any, watch Pipeline resources in the cluster.
@@ -78,6 +84,42 @@ pub struct RunArgs {
     /// without keys, its local folders. For the operator's own namespace. Repeatable.
     #[arg(long, value_name = "NAMESPACE")]
     pub trust_namespace: Vec<String>,
+    #[command(flatten)]
+    pub pod_security: PodSecurityArgs,
+}
+
+/// The pod security levels a run enforces, as flags.
+#[derive(Debug, Args)]
+pub struct PodSecurityArgs {
+    /// The Pod Security Standard every pipeline's pods must meet: `restricted` (non-root, no
+    /// privilege escalation, capabilities dropped, no host access), `baseline` (no host
+    /// namespaces, privileged containers, hostPath or host ports) or `privileged` (anything).
+    #[arg(
+        long = "pod-security",
+        value_name = "LEVEL",
+        value_enum,
+        default_value_t
+    )]
+    pub level: Level,
+    /// Another level for the pipelines of one namespace, e.g. `build-farm=baseline`.
+    /// Repeatable.
+    #[arg(long = "pod-security-namespace", value_name = "NAMESPACE=LEVEL")]
+    pub namespaces: Vec<String>,
+}
+
+impl PodSecurityArgs {
+    pub fn policy(&self) -> anyhow::Result<Policy> {
+        let mut policy = Policy {
+            default: self.level,
+            ..Policy::default()
+        };
+        for flag in &self.namespaces {
+            policy
+                .add_namespace_flag(flag)
+                .map_err(|error| anyhow::anyhow!("--pod-security-namespace {error}"))?;
+        }
+        Ok(policy)
+    }
 }
 
 pub fn run(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
@@ -91,10 +133,11 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
     if args.files.is_empty() {
         return run_controller(args, cluster).await;
     }
+    let policy = args.pod_security.policy()?;
     let mut pipelines = Vec::new();
     let mut failed = false;
     for file in &args.files {
-        match load_file(file) {
+        match load_file_with(file, &policy) {
             Ok(loaded) => pipelines.extend(loaded),
             Err(diagnostics) => {
                 failed = true;
@@ -117,11 +160,15 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
         }
     }
     let stop = CancellationToken::new();
+    let mut starting = None;
     let webhooks = if pipelines
         .iter()
         .any(|p| takes_webhooks(&p.pipeline.spec.source))
     {
         let server = WebhookServer::bind(args.webhook_listen).await?;
+        // Serving before the engine has registered the paths holds the port and answers
+        // callers 503 (retry) rather than refusing them, until the paths are there.
+        starting = Some(server.starting());
         let serving = server.clone();
         let until = stop.clone();
         tokio::spawn(async move {
@@ -144,6 +191,7 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
     };
     let count = pipelines.len();
     let mut engine = Engine::start(client, pipelines, options).await?;
+    drop(starting);
     let address = http::serve(args.metrics_listen, engine.synced.clone(), stop.clone()).await?;
     tracing::info!(pipelines = count, metrics = %address, "running");
     eprintln!("spate: running {count} pipeline(s); metrics on http://{address}/metrics");
@@ -164,6 +212,7 @@ async fn run_async(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitC
 }
 
 async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<ExitCode> {
+    let pod_security = args.pod_security.policy()?;
     let mut grants = Grants {
         trusted: args.trust_namespace.iter().cloned().collect(),
         ..Grants::default()
@@ -212,6 +261,7 @@ async fn run_controller(args: RunArgs, cluster: &ClusterArgs) -> anyhow::Result<
             renew: args.lease_duration / 3,
         },
         status_interval: Duration::from_secs(2),
+        pod_security,
     };
     // A replica that is not the leader is live and ready: it is doing its job by waiting.
     let (ready, _) = tokio::sync::watch::channel(true);

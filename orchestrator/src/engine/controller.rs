@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use spate_sources::backoff::Backoff;
+use spate_sources::webhook::WebhookServer;
 use tokio::time::Instant;
 
 use futures::StreamExt;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::leader::{self, LeaseConfig};
 use super::{Engine, EngineOptions, RunningPipeline};
-use crate::pipeline::{Pipeline, PipelineStatus, load::check_resource};
+use crate::pipeline::{Pipeline, PipelineStatus, load::check_resource_with};
 use crate::render::pipeline_namespace;
 
 /// The annotation that pauses a Pipeline.
@@ -41,6 +42,8 @@ pub struct ControllerOptions {
     pub engine: EngineOptions,
     pub lease: LeaseConfig,
     pub status_interval: Duration,
+    /// The pod security level each namespace's Pipelines must meet.
+    pub pod_security: crate::pod_security::Policy,
 }
 
 /// One Pipeline as the controller runs it.
@@ -111,6 +114,13 @@ async fn manage(
     let stream = watcher(pipelines, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut managed: HashMap<(String, String), Managed> = HashMap::new();
+    // Until the first list of Pipelines has been started, a webhook path not registered yet
+    // probably belongs to one of them.
+    let mut first_list = options
+        .engine
+        .webhooks
+        .as_ref()
+        .map(WebhookServer::starting);
     let mut status_tick = tokio::time::interval(options.status_interval);
     let mut retry_tick = tokio::time::interval(START_RETRY_MIN);
     loop {
@@ -128,13 +138,14 @@ async fn manage(
             }
             event = stream.next() => match event {
                 Some(Ok(watcher::Event::Apply(pipeline) | watcher::Event::InitApply(pipeline))) => {
-                    reconcile(client, options, &mut managed, pipeline).await;
+                    reconcile(client, options, &mut managed, pipeline, &leading).await;
                 }
+                Some(Ok(watcher::Event::InitDone)) => drop(first_list.take()),
                 Some(Ok(watcher::Event::Delete(pipeline))) => {
                     if let Some(entry) = managed.remove(&key(&pipeline))
                         && let Some(engine) = entry.engine
                     {
-                        engine.shutdown().await;
+                        engine.shutdown_unless(&leading).await;
                     }
                 }
                 Some(Ok(_)) => {}
@@ -171,12 +182,13 @@ fn is_paused(pipeline: &Pipeline) -> bool {
 }
 
 /// Brings the running engine in line with the Pipeline: idempotent, so a resync changes
-/// nothing.
+/// nothing. An engine replaced drains until `leading` is cancelled at the latest.
 async fn reconcile(
     client: &kube::Client,
     options: &ControllerOptions,
     managed: &mut HashMap<(String, String), Managed>,
     pipeline: Pipeline,
+    leading: &CancellationToken,
 ) {
     let key = key(&pipeline);
     let generation = pipeline.metadata.generation;
@@ -188,10 +200,16 @@ async fn reconcile(
     {
         return;
     }
+    // Between the old engine's shutdown and the new one's start its webhook path is free.
+    let _restarting = options
+        .engine
+        .webhooks
+        .as_ref()
+        .map(WebhookServer::starting);
     let previous = managed.remove(&key);
     let written = previous.as_ref().and_then(|entry| entry.written.clone());
     if let Some(engine) = previous.and_then(|entry| entry.engine) {
-        engine.shutdown().await;
+        engine.shutdown_unless(leading).await;
     }
     let mut entry = Managed {
         source: pipeline.spec.source.kind().to_string(),
@@ -223,7 +241,7 @@ async fn start(client: &kube::Client, options: &ControllerOptions, entry: &mut M
     let Some(retry) = entry.retry.as_mut() else {
         return;
     };
-    let loaded = match check_resource(&entry.pipeline) {
+    let loaded = match check_resource_with(&entry.pipeline, &options.pod_security) {
         Ok(loaded) => loaded,
         Err(problems) => {
             entry.problems = problems;

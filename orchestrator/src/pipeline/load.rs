@@ -17,10 +17,11 @@ use kube::CustomResourceExt;
 use serde_json::{Value, json};
 use spate_sources::Event;
 
-use super::located::{LocatedDocument, Location, join_key, parse_documents};
+use super::located::{Location, join_key, parse_documents};
 use super::schema::{self, Violation};
 use super::spec::*;
 use crate::naming;
+use crate::pod_security;
 use crate::render::{self, TemplateValues};
 use crate::templates;
 
@@ -58,11 +59,21 @@ pub struct LoadedPipeline {
     pub values: TemplateValues,
 }
 
-/// Reads and checks every pipeline in a file.
+/// Reads and checks every pipeline in a file, its pods against the `restricted` pod security
+/// level.
 pub fn load_file(path: &Path) -> Result<Vec<LoadedPipeline>, Vec<Diagnostic>> {
+    load_file_with(path, &pod_security::Policy::default())
+}
+
+/// Reads and checks every pipeline in a file, its pods against the level `policy` gives its
+/// namespace (the default level for a pipeline that names none).
+pub fn load_file_with(
+    path: &Path,
+    policy: &pod_security::Policy,
+) -> Result<Vec<LoadedPipeline>, Vec<Diagnostic>> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => load_str(&text, &file),
+        Ok(text) => load_str_with(&text, &file, policy),
         Err(error) => Err(vec![Diagnostic {
             file,
             location: None,
@@ -72,8 +83,18 @@ pub fn load_file(path: &Path) -> Result<Vec<LoadedPipeline>, Vec<Diagnostic>> {
     }
 }
 
-/// Reads and checks every pipeline in `text`; `file` names it in diagnostics.
+/// Reads and checks every pipeline in `text`; `file` names it in diagnostics. Pods are checked
+/// against the `restricted` pod security level.
 pub fn load_str(text: &str, file: &str) -> Result<Vec<LoadedPipeline>, Vec<Diagnostic>> {
+    load_str_with(text, file, &pod_security::Policy::default())
+}
+
+/// [`load_str`], with pods checked against the level `policy` gives each pipeline's namespace.
+pub fn load_str_with(
+    text: &str,
+    file: &str,
+    policy: &pod_security::Policy,
+) -> Result<Vec<LoadedPipeline>, Vec<Diagnostic>> {
     let documents = parse_documents(text).map_err(|error| {
         vec![Diagnostic {
             file: file.to_string(),
@@ -93,7 +114,7 @@ pub fn load_str(text: &str, file: &str) -> Result<Vec<LoadedPipeline>, Vec<Diagn
     let mut loaded = Vec::new();
     let mut diagnostics = Vec::new();
     for document in &documents {
-        match check_document(document) {
+        match check_value(&document.value, policy) {
             Ok(pipeline) => loaded.push(pipeline),
             Err(problems) => {
                 diagnostics.extend(problems.into_iter().map(|(path, message)| Diagnostic {
@@ -115,15 +136,19 @@ pub fn load_str(text: &str, file: &str) -> Result<Vec<LoadedPipeline>, Vec<Diagn
 
 type Problems = Vec<(String, String)>;
 
-fn check_document(document: &LocatedDocument) -> Result<LoadedPipeline, Problems> {
-    check_value(&document.value)
-}
-
 /// Checks a Pipeline read from the cluster; problems are `field path: message` lines, as
 /// the controller reports them in the Pipeline's status.
 pub fn check_resource(pipeline: &Pipeline) -> Result<LoadedPipeline, Vec<String>> {
+    check_resource_with(pipeline, &pod_security::Policy::default())
+}
+
+/// [`check_resource`], with pods checked against the level `policy` gives its namespace.
+pub fn check_resource_with(
+    pipeline: &Pipeline,
+    policy: &pod_security::Policy,
+) -> Result<LoadedPipeline, Vec<String>> {
     let value = serde_json::to_value(pipeline).map_err(|e| vec![e.to_string()])?;
-    check_value(&value).map_err(|problems| {
+    check_value(&value, policy).map_err(|problems| {
         problems
             .into_iter()
             .map(|(path, message)| format!("{path}: {message}"))
@@ -131,7 +156,7 @@ pub fn check_resource(pipeline: &Pipeline) -> Result<LoadedPipeline, Vec<String>
     })
 }
 
-fn check_value(value: &Value) -> Result<LoadedPipeline, Problems> {
+fn check_value(value: &Value, policy: &pod_security::Policy) -> Result<LoadedPipeline, Problems> {
     let mut problems = check_header(value);
     let mut violations = Vec::new();
     match value.get("spec") {
@@ -152,7 +177,8 @@ fn check_value(value: &Value) -> Result<LoadedPipeline, Problems> {
     let pipeline: Pipeline = serde_json::from_value(value.clone())
         .map_err(|error| vec![("spec".to_string(), error.to_string())])?;
     let mut problems = check_semantics(&pipeline.spec);
-    let resolved = resolve_template(&pipeline, &mut problems);
+    let level = policy.level_for(pipeline.metadata.namespace.as_deref().unwrap_or_default());
+    let resolved = resolve_template(&pipeline, level, &mut problems);
     if let Some((template, values)) = &resolved
         && problems.is_empty()
     {
@@ -168,7 +194,8 @@ fn check_value(value: &Value) -> Result<LoadedPipeline, Problems> {
     }
 }
 
-/// The spec's schema, as the CRD carries it.
+/// The spec's whole schema, the pod template's included (the installed CRD stops short of
+/// it: see [`super::crd`]).
 static SPEC_SCHEMA: LazyLock<Value> = LazyLock::new(|| {
     serde_json::to_value(Pipeline::crd())
         .ok()
@@ -355,6 +382,7 @@ fn check_semantics(spec: &PipelineSpec) -> Problems {
 
 fn resolve_template(
     pipeline: &Pipeline,
+    level: pod_security::Level,
     problems: &mut Problems,
 ) -> Option<(JobTemplateSpec, TemplateValues)> {
     let spec = &pipeline.spec;
@@ -385,7 +413,7 @@ fn resolve_template(
             }
         },
     };
-    check_pod_template(&template, base, problems);
+    check_pod_template(&template, base, level, problems);
     let raw = serde_json::to_value(&template).unwrap_or(Value::Null);
     for path in render::inline_code_reading_the_event(&raw) {
         problems.push((
@@ -398,7 +426,11 @@ fn resolve_template(
                 .to_string(),
         ));
     }
-    Some((template, TemplateValues { params: values }))
+    let values = TemplateValues {
+        params: values,
+        pod_security: level,
+    };
+    Some((template, values))
 }
 
 fn join_template_path(base: &str, path: &str) -> String {
@@ -409,7 +441,12 @@ fn join_template_path(base: &str, path: &str) -> String {
     }
 }
 
-fn check_pod_template(template: &JobTemplateSpec, base: &str, problems: &mut Problems) {
+fn check_pod_template(
+    template: &JobTemplateSpec,
+    base: &str,
+    level: pod_security::Level,
+    problems: &mut Problems,
+) {
     let pod = template
         .spec
         .as_ref()
@@ -445,6 +482,37 @@ fn check_pod_template(template: &JobTemplateSpec, base: &str, problems: &mut Pro
             format!("a Job's pods must use `Never` or `OnFailure`, got `{policy}`"),
         ));
     }
+    // As the pod will be: the restricted defaults filled in where the template is silent.
+    let mut pod = pod.clone();
+    pod_security::harden(&mut pod);
+    let written = serde_json::to_value(&pod).unwrap_or(Value::Null);
+    for violation in pod_security::check(&pod, level) {
+        // A placeholder is judged once it has a value: each rendered pod is checked again.
+        if value_at(&written, &violation.path)
+            .and_then(Value::as_str)
+            .is_some_and(|text| text.contains("{{"))
+        {
+            continue;
+        }
+        problems.push((
+            join_template_path(base, &format!("spec.template.spec.{}", violation.path)),
+            violation.message,
+        ));
+    }
+}
+
+/// The value at a field path such as `containers[0].securityContext.capabilities.add[1]`.
+fn value_at<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(value, |value, step| {
+        let (field, indexes) = step.split_once('[').unwrap_or((step, ""));
+        let mut value = value.get(field)?;
+        for index in indexes.split('[') {
+            if let Some(index) = index.strip_suffix(']') {
+                value = value.get(index.parse::<usize>().ok()?)?;
+            }
+        }
+        Some(value)
+    })
 }
 
 fn check_trial_render(
@@ -477,6 +545,8 @@ fn check_trial_render(
                     pipeline.spec.source.kind()
                 ),
             )),
+            // The sample's values are made up; each real event's pod is checked as rendered.
+            render::RenderError::PodSecurity { .. } => {}
             other => problems.push((base.to_string(), other.to_string())),
         }
     }

@@ -6,6 +6,10 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+#[path = "../../../sources/tests/support/ports.rs"]
+mod ports;
+
+pub use ports::free_port;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
@@ -509,6 +513,24 @@ pub fn spawn_spate_run_with_args(
     state: &std::path::Path,
     args: &[&str],
 ) -> SpateRun {
+    let file = [std::ffi::OsStr::new("-f"), pipeline.as_os_str()];
+    spawn_spate(kubeconfig, state, args.iter().map(std::ffi::OsStr::new).chain(file))
+}
+
+/// `spate run` in controller mode (no `-f`) with `args`; give `--metrics-listen` among them.
+pub fn spawn_spate_controller(
+    kubeconfig: &std::path::Path,
+    state: &std::path::Path,
+    args: &[&str],
+) -> SpateRun {
+    spawn_spate(kubeconfig, state, args.iter().map(std::ffi::OsStr::new))
+}
+
+fn spawn_spate<'a>(
+    kubeconfig: &std::path::Path,
+    state: &std::path::Path,
+    args: impl IntoIterator<Item = &'a std::ffi::OsStr>,
+) -> SpateRun {
     let log = tempfile::NamedTempFile::new().unwrap();
     let process = std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
         .arg("run")
@@ -517,8 +539,6 @@ pub fn spawn_spate_run_with_args(
         .arg(state)
         .arg("--kubeconfig")
         .arg(kubeconfig)
-        .arg("-f")
-        .arg(pipeline)
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
         .stderr(log.reopen().unwrap())
@@ -593,12 +613,14 @@ where
 /// creation).
 pub async fn install_crd(client: &kube::Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::CustomResourceExt;
     use spate::pipeline::Pipeline;
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     match crds
-        .create(&kube::api::PostParams::default(), &Pipeline::crd())
+        .create(
+            &kube::api::PostParams::default(),
+            &spate::pipeline::crd::definition(),
+        )
         .await
     {
         Ok(_) => {}
@@ -698,6 +720,7 @@ pub fn controller_options(
             renew: Duration::from_millis(500),
         },
         status_interval: Duration::from_millis(300),
+        pod_security: spate::pod_security::Policy::default(),
     }
 }
 

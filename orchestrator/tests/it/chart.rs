@@ -302,6 +302,9 @@ fn all_on_values_switch_on_every_template() {
         "--grant-env=AWS_ACCESS_KEY_ID=work,*",
         "--grant-env=AWS_SECRET_ACCESS_KEY=work,*",
         "--trust-namespace=spate-system",
+        "--pod-security=restricted",
+        "--pod-security-namespace=build-farm=baseline",
+        "--pod-security-namespace=ops=privileged",
     ] {
         assert!(args.contains(&json!(grant)), "{grant} in {args:?}");
     }

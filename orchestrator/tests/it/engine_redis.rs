@@ -248,6 +248,7 @@ async fn the_pipeline_status_shows_the_streams_lag_until_the_burst_is_taken() {
                 renew: Duration::from_millis(500),
             },
             status_interval: Duration::from_millis(300),
+            pod_security: spate::pod_security::Policy::default(),
         },
         stop.clone(),
     ));

@@ -237,3 +237,141 @@ async fn a_pipeline_reaches_only_its_own_namespace_and_what_was_granted_to_it() 
     delete_queues(&connection, &[&queue]).await;
     cluster.shutdown().await;
 }
+
+/// A Pipeline with `pod` as its pod spec, taking a tick a second.
+fn ticking(namespace: &str, name: &str, pod: serde_json::Value) -> Pipeline {
+    serde_json::from_value(json!({
+        "apiVersion": "spate.dev/v1alpha1",
+        "kind": "Pipeline",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "source": {"cron": {"schedule": "* * * * * *", "missedRuns": "skip"}},
+            "fanout": {"maxParallelism": 2},
+            "jobTemplate": {"spec": {"template": {"spec": pod}}}
+        }
+    }))
+    .unwrap()
+}
+
+/// The pods a Pipeline may make are the operator's to decide: `restricted` everywhere but
+/// where a namespace was given another level. A privileged container, the node's files, its
+/// network or root are each refused in the status, naming the field and the level; the same
+/// root pod runs in the namespace relaxed to `baseline`, and a pod that says nothing gets the
+/// restricted settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_makes_only_the_pods_its_namespaces_level_allows() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = SimCluster::start(SimConfig::default()).await.unwrap();
+    let client = cluster.client();
+    install_crd(&client).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for namespace in ["team-a", "build-farm"] {
+        let object: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
+        namespaces
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap();
+    }
+    let state = tempfile::tempdir().unwrap();
+    let mut options = controller_options("replica-a", "default", state.path());
+    options.namespace = None;
+    options
+        .pod_security
+        .add_namespace_flag("build-farm=baseline")
+        .unwrap();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(controller::run(client.clone(), options, stop.clone()));
+
+    let work = |security: serde_json::Value| json!([{"name": "work", "image": "busybox", "securityContext": security}]);
+    let root = json!({"securityContext": {"runAsUser": 0}, "containers": work(json!({}))});
+    let created = [
+        (
+            "team-a",
+            "privileged",
+            json!({"containers": work(json!({"privileged": true}))}),
+        ),
+        (
+            "team-a",
+            "host-files",
+            json!({"volumes": [{"name": "node", "hostPath": {"path": "/"}}],
+                   "containers": work(json!({}))}),
+        ),
+        (
+            "build-farm",
+            "host-network",
+            json!({"hostNetwork": true, "containers": work(json!({}))}),
+        ),
+        ("team-a", "root", root.clone()),
+        ("build-farm", "root", root),
+        (
+            "team-a",
+            "plain",
+            json!({"containers": [{"name": "work", "image": "busybox"}]}),
+        ),
+    ];
+    for (namespace, name, pod) in created {
+        let pipelines: Api<Pipeline> = Api::namespaced(client.clone(), namespace);
+        pipelines
+            .create(&PostParams::default(), &ticking(namespace, name, pod))
+            .await
+            .unwrap();
+    }
+    let field = "spec.jobTemplate.spec.template.spec";
+    for (namespace, name, says) in [
+        (
+            "team-a",
+            "privileged",
+            format!(
+                "{field}.containers[0].securityContext.privileged: a privileged container is not allowed under the `restricted` pod security level"
+            ),
+        ),
+        (
+            "team-a",
+            "host-files",
+            format!("{field}.volumes[0].hostPath: a hostPath volume mounts the node's files"),
+        ),
+        (
+            "build-farm",
+            "host-network",
+            format!(
+                "{field}.hostNetwork: must not be true under the `baseline` pod security level"
+            ),
+        ),
+        (
+            "team-a",
+            "root",
+            format!(
+                "{field}.securityContext.runAsUser: must not be 0 (root) under the `restricted` pod security level"
+            ),
+        ),
+    ] {
+        refused(&client, namespace, name, &[&says]).await;
+    }
+
+    for (namespace, name) in [("build-farm", "root"), ("team-a", "plain")] {
+        let jobs: Api<k8s_openapi::api::batch::v1::Job> =
+            Api::namespaced(client.clone(), namespace);
+        let selector = format!("spate.dev/pipeline={name}");
+        common::eventually(&format!("a Job of {namespace}/{name}"), 30, || async {
+            let count = common::list_jobs_per_event(&jobs, &selector).await.len();
+            (count > 0).then_some(()).ok_or("no Job yet".to_string())
+        })
+        .await;
+    }
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), "team-a");
+    let plain = jobs
+        .list(&kube::api::ListParams::default().labels("spate.dev/pipeline=plain"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let pod = plain.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+    let own = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(own.allow_privilege_escalation, Some(false));
+
+    stop.cancel();
+    running.await.unwrap();
+    cluster.shutdown().await;
+}

@@ -336,6 +336,38 @@ fn broken_pipelines() -> Vec<(&'static str, String, &'static str)> {
             pipeline(AMQP, &with_template("ttlSecondsAfterFinished: -5  # <-")),
             "spec.ttlSecondsAfterFinished",
         ),
+        (
+            "a privileged container under the restricted pod security level",
+            pipeline(AMQP, TEMPLATE).replace(
+                "              image: busybox:1.36\n",
+                "              image: busybox:1.36\n              securityContext:\n                privileged: true  # <-\n",
+            ),
+            "spec.jobTemplate.spec.template.spec.containers[0].securityContext.privileged",
+        ),
+        (
+            "the node's files mounted",
+            pipeline(AMQP, TEMPLATE).replace(
+                "        spec:\n          containers:\n",
+                "        spec:\n          volumes:\n            - name: node\n              hostPath: {path: /}  # <-\n          containers:\n",
+            ),
+            "spec.jobTemplate.spec.template.spec.volumes[0].hostPath",
+        ),
+        (
+            "the node's network",
+            pipeline(AMQP, TEMPLATE).replace(
+                "        spec:\n          containers:\n",
+                "        spec:\n          hostNetwork: true  # <-\n          containers:\n",
+            ),
+            "spec.jobTemplate.spec.template.spec.hostNetwork",
+        ),
+        (
+            "root",
+            pipeline(AMQP, TEMPLATE).replace(
+                "        spec:\n          containers:\n",
+                "        spec:\n          securityContext: {runAsUser: 0}  # <-\n          containers:\n",
+            ),
+            "spec.jobTemplate.spec.template.spec.securityContext.runAsUser",
+        ),
     ]
 }
 
@@ -448,4 +480,59 @@ fn the_validate_command_exits_1_and_prints_each_error() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the file"));
+}
+
+#[test]
+fn the_pod_security_level_is_the_operators_to_relax() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("root.yaml");
+    let text = pipeline(AMQP, TEMPLATE).replace(
+        "        spec:\n          containers:\n",
+        "        spec:\n          securityContext: {runAsUser: 0}\n          containers:\n",
+    );
+    std::fs::write(&file, &text).unwrap();
+    let validate = |extra: &[&str]| {
+        spate()
+            .arg("validate")
+            .arg("-f")
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = validate(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("securityContext.runAsUser: must not be 0 (root) under the `restricted` pod security level"),
+        "{stderr}"
+    );
+    for level in ["baseline", "privileged"] {
+        let relaxed = validate(&["--pod-security", level]);
+        assert!(
+            relaxed.status.success(),
+            "{level}: {}",
+            String::from_utf8_lossy(&relaxed.stderr)
+        );
+    }
+    // By namespace: only the pipelines of the namespace named.
+    let in_namespace = text.replace("  name: demo\n", "  name: demo\n  namespace: build-farm\n");
+    std::fs::write(&file, &in_namespace).unwrap();
+    assert!(
+        validate(&["--pod-security-namespace", "build-farm=baseline"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        validate(&["--pod-security-namespace", "other=baseline"])
+            .status
+            .code(),
+        Some(1)
+    );
+    let typo = validate(&["--pod-security-namespace", "build-farm=lenient"]);
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("privileged, baseline or restricted"),
+        "{}",
+        String::from_utf8_lossy(&typo.stderr)
+    );
 }
