@@ -514,7 +514,11 @@ pub fn spawn_spate_run_with_args(
     args: &[&str],
 ) -> SpateRun {
     let file = [std::ffi::OsStr::new("-f"), pipeline.as_os_str()];
-    spawn_spate(kubeconfig, state, args.iter().map(std::ffi::OsStr::new).chain(file))
+    spawn_spate(
+        kubeconfig,
+        state,
+        args.iter().map(std::ffi::OsStr::new).chain(file),
+    )
 }
 
 /// `spate run` in controller mode (no `-f`) with `args`; give `--metrics-listen` among them.
