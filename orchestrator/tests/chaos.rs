@@ -323,6 +323,17 @@ impl Source {
         }
     }
 
+    /// How long a `spate run` SIGKILLed waits before it is started again. Kafka: until the
+    /// killed member's session (6s) has expired. Kafka itself rebalances again when a dead
+    /// member's session ends, but tansu 0.6 does not: a member that joined beside the dead one
+    /// was seen assigned no partitions for good (see engine_kafka.rs).
+    fn restart_gap(&self) -> Duration {
+        match self {
+            Source::Kafka { .. } => Duration::from_secs(7),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// What `spate run` needs besides the pipeline to serve this source.
     fn run_args(&self) -> Vec<String> {
         match self {
@@ -519,6 +530,8 @@ struct Bench {
     file: PathBuf,
     /// What the source needs of `spate run -f` besides the file.
     run_args: Vec<String>,
+    /// [`Source::restart_gap`].
+    restart_gap: Duration,
     jobs: Api<Job>,
 }
 
@@ -565,6 +578,7 @@ spec:
             manifest,
             file,
             run_args: source.run_args(),
+            restart_gap: source.restart_gap(),
             jobs,
         }
     }
@@ -646,6 +660,7 @@ spec:
                     self.reach(target, &format!("kill {kill}"), poll).await;
                     spate.kill().unwrap();
                     spate.wait().unwrap();
+                    tokio::time::sleep(self.restart_gap).await;
                     spate = self.spawn_from_file();
                 }
                 (vec![spate], None)
